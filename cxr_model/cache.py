@@ -1,0 +1,49 @@
+"""Decode and resize each image once per data version; every trial and epoch reads the cached array."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_model.preprocess import decode_file
+
+
+def content_digest(manifest: pd.DataFrame) -> str:
+    """Digest of the image contents alone (not of labels or splits), so re-splitting reuses the cache."""
+    h = hashlib.sha256()
+    for sha in sorted(manifest["sha256"].unique()):
+        h.update(sha.encode())
+    return h.hexdigest()[:16]
+
+
+class DecodedImages:
+    """Decoded (S, S, 1) uint8 images of one data version, looked up by content hash."""
+
+    def __init__(self, keys: list[str], images: np.ndarray):
+        self.images = images  # (U, S, S, 1), memory-mapped from the cache file
+        self.position = {k: i for i, k in enumerate(keys)}
+
+    def take(self, frame: pd.DataFrame) -> np.ndarray:
+        """(N, S, S, 1) uint8 for the rows of `frame` (any subset of the cached manifest), in order."""
+        return np.asarray(self.images[[self.position[s] for s in frame["sha256"]]])
+
+
+def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> DecodedImages:
+    """Open the cache of `manifest` at `size`, decoding every image first on a cache miss."""
+    stem = Path(cache_dir) / f"{content_digest(manifest)}-{size}"
+    array_path, keys_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    if not (array_path.exists() and keys_path.exists()):
+        unique = manifest.drop_duplicates("sha256").sort_values("sha256")
+        images = np.stack([decode_file(p, size) for p in unique["path"]])  # (U, S, S, 1)
+        array_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a crash never leaves a half-written cache that looks complete.
+        tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        keys_path.write_text(json.dumps(unique["sha256"].tolist()))
+        os.replace(tmp, array_path)
+    return DecodedImages(json.loads(keys_path.read_text()), np.load(array_path, mmap_mode="r"))

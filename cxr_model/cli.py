@@ -1,0 +1,82 @@
+"""`cxr` command line: `cxr train` runs the flow, `cxr predict` scores X-ray files.
+
+Heavy imports (TensorFlow, MLflow, Prefect) happen inside the commands so `cxr --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cxr_model.config import PROFILES, DataConfigError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run the training flow (load, visualize, tune, train, evaluate, register)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default", help="preset (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, help="dataset folder with train/ and test/ (or set CXR_DATA_DIR)")
+    p.add_argument("--work-dir", type=Path, help="cache, tuner state and outputs (or set CXR_WORK_DIR; default ./work)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--max-per-class", type=int, help="cap images per split and class")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tuner", choices=["random", "bayesian", "hyperband"])
+    p.add_argument("--max-trials", type=int)
+    p.add_argument("--search-epochs", type=int)
+    p.add_argument("--search-fraction", type=float)
+    p.add_argument("--resume", action="store_true", default=None, help="continue the saved search state")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--threshold-rule", choices=["youden", "balanced_accuracy", "f1"])
+    p.add_argument("--experiment-name")
+    p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
+    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cxr_model.config import load_config
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "profile")}
+    cfg = load_config(args.profile, **overrides)
+    cfg.resolved_data_dir()  # fail before any server starts if the data is missing
+
+    from cxr_model.train import configure_threads
+
+    configure_threads(cfg.threads)
+    from flows.train_flow import train_flow
+
+    result = train_flow(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia detection on chest X-rays, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    from cxr_model import predict_cli
+
+    predict_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the CLI
+    # Prefect's temporary server needs more than its default 20 s to migrate its database on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One typed configuration for a run, its named profiles, and the one place that resolves paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DATA_ENV = "CXR_DATA_DIR"
+WORK_ENV = "CXR_WORK_DIR"
+
+DATASET_HELP = (
+    "No dataset folder given. Download the Kaggle dataset 'paultimothymooney/chest-xray-pneumonia' "
+    "(or Mendeley doi:10.17632/rscbjbr9sj, 'ChestXRay2017.zip'), unpack it, and point at the folder that "
+    f"holds train/ and test/ with --data-dir DIR or the {DATA_ENV} environment variable."
+)
+
+
+class DataConfigError(ValueError):
+    """The dataset folder is missing, misnamed or incomplete."""
+
+
+class TrainConfig(BaseModel):
+    """Every setting of one flow run; profiles fill it, the CLI overrides single fields."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    profile: str = "default"  # name of the profile this config started from (logged as a tag)
+    data_dir: Path | None = None  # folder with train/, test/ and optional val/ (Kaggle layout)
+    work_dir: Path = Path("work")  # decoded-image cache, tuner state, exported models
+    # data
+    image_size: int = Field(128, ge=16, le=1024)  # square side the images are resized to
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)  # share of train patients held out for validation
+    max_per_class: int | None = Field(None, ge=2)  # cap images per split and class (smoke runs)
+    seed: int = 42  # one seed for the split, the tuner and weight init
+    # search
+    tuner: Literal["random", "bayesian", "hyperband"] = "random"
+    max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
+    search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)
+    search_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the training split each trial sees
+    resume: bool = False  # continue the search state in work_dir instead of starting over
+    # training
+    epochs: int = Field(12, ge=1)  # upper bound; early stopping on validation decides
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
+    augment: bool = True
+    rotation: float = Field(0.04, ge=0.0, le=0.5)  # fraction of a full turn (0.04 ~ 15 degrees)
+    zoom: float = Field(0.1, ge=0.0, le=0.5)
+    translation: float = Field(0.08, ge=0.0, le=0.5)
+    contrast: float = Field(0.3, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    class_weights: bool = True  # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance
+    # evaluation
+    threshold_rule: Literal["youden", "balanced_accuracy", "f1"] = "youden"
+    # tracking
+    experiment_name: str = "cxr-pneumonia"
+    model_name: str = "cxr-pneumonia"  # registered model name
+    champion_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy"] = "roc_auc"  # validation; decides `champion`
+    # compute
+    threads: int | None = Field(None, ge=1)  # intra-op threads; None = one per core
+
+    @field_validator("data_dir", "work_dir", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
+
+    def resolved_data_dir(self) -> Path:
+        """The dataset root from the config or CXR_DATA_DIR; a clear error when neither is usable."""
+        raw = self.data_dir or os.environ.get(DATA_ENV)
+        if not raw:
+            raise DataConfigError(DATASET_HELP)
+        path = Path(raw).expanduser().resolve()
+        if not path.is_dir():
+            raise DataConfigError(f"Dataset folder {path} does not exist. {DATASET_HELP}")
+        return path
+
+    def augmentation_params(self) -> dict[str, float | int]:
+        """Keyword arguments of `build_augmentation` for this run."""
+        return dict(rotation=self.rotation, zoom=self.zoom, translation=self.translation,
+                    contrast=self.contrast, brightness=self.brightness, seed=self.seed)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / "cache"
+
+    @property
+    def tuner_dir(self) -> Path:
+        return self.work_dir / "tuner"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work_dir / "outputs"
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # a few dozen images, 1-2 trials, 1 epoch: for tests and a first look
+    "smoke": dict(
+        image_size=64, max_per_class=16, max_trials=2, search_epochs=1, epochs=1,
+        batch_size=16, patience=1, val_fraction=0.25,
+    ),
+    # the README's main job: whole dataset and a real search in about 20 minutes on 2 CPU cores
+    "default": dict(
+        image_size=128, max_trials=4, search_epochs=2, search_fraction=0.5, epochs=12, patience=4,
+    ),
+    # the best model the project makes; hours on CPU are fine
+    "full": dict(
+        image_size=192, tuner="bayesian", max_trials=12, search_epochs=6, epochs=40, patience=8,
+    ),
+}
+
+
+def load_config(profile: str = "default", **overrides: Any) -> TrainConfig:
+    """Build a config from a named profile plus explicit overrides (None values are ignored)."""
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    values = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if "work_dir" not in values and os.environ.get(WORK_ENV):
+        values["work_dir"] = os.environ[WORK_ENV]
+    return TrainConfig(profile=profile, **values)

@@ -1,0 +1,84 @@
+"""Figures a person reads: class counts, sample grids, augmentations, learning curves, evaluation."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; set before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from cxr_model.data import CLASSES  # noqa: E402
+
+
+def class_counts(manifest: pd.DataFrame) -> Figure:
+    """Seaborn countplot of NORMAL/PNEUMONIA per split, with the counts written on the bars."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = [s for s in ("train", "val", "test") if s in set(manifest["split"])]
+    sns.countplot(data=manifest, x="split", hue="class_name", order=order, hue_order=list(CLASSES), ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fontsize=9)
+    ax.set(title="Images per split and class", xlabel="split", ylabel="images")
+    ax.legend(title="class")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: list[str], columns: int = 4, title: str = "") -> Figure:
+    """Grayscale images (N, S, S, 1) in a grid with one caption each."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, caption in zip(axes.ravel(), images, titles, strict=False):
+        ax.imshow(np.asarray(img)[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: dict[str, list[float]]) -> Figure:
+    """Loss and AUC per epoch for train and validation."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "auc"), strict=True):
+        for prefix, style in (("", "-o"), ("val_", "--o")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=f"{'val' if prefix else 'train'} {key}")
+        ax.set(xlabel="epoch", ylabel=key, title=key.upper() if key == "auc" else key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, title: str) -> Figure:
+    y_pred = (np.asarray(y_prob) >= threshold).astype(int)
+    cm = skm.confusion_matrix(np.asarray(y_true).astype(int), y_pred, labels=[0, 1])
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=CLASSES, yticklabels=CLASSES, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title} (threshold {threshold:.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    """ROC curves of several splits: {name: (y_true, y_prob)}."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y_true, y_prob) in curves.items():
+        if len(np.unique(y_true)) < 2:
+            continue
+        fpr, tpr, _ = skm.roc_curve(y_true, y_prob)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y_true, y_prob):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,88 @@
+"""The one image decoder: bytes of any format, size or mode in, a square uint8 grayscale array out.
+
+Training, the decoded-image cache and the served model all call `decode_image`, so a file gives the
+same pixels wherever it is read.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Decompression-bomb guard: about 8.4k x 8.4k. Scanner exports are ~3k x 3k, so this is generous.
+MAX_PIXELS = 70_000_000
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image, or the image breaks a limit."""
+
+
+def _full_scale(mode: str, arr: np.ndarray) -> float:
+    """The value that maps to white: 65535 for 16-bit files; 'I'/'F' images have no fixed range."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    peak = float(arr.max()) if arr.size else 0.0
+    if mode == "I" and peak <= 255:
+        return 255.0
+    if mode == "I" and peak <= 65535:
+        return 65535.0
+    return max(peak, 1e-12)
+
+
+def _to_grayscale(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit 'L' without losing the 16-bit range or compositing artefacts."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr / _full_scale(img.mode, arr) * 255.0), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels become black, the background of a radiograph.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode == "1":
+        img = img.convert("L")
+    return img.convert("L") if img.mode != "L" else img
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode image bytes; raise ImageDecodeError with a readable reason otherwise."""
+    if not data:
+        raise ImageDecodeError("empty input (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+            )
+        img.load()  # full decode: catches truncated files that open() alone accepts
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"not a decodable image ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image ({exc})") from exc
+    return img
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
+    img = open_image(data, max_pixels=max_pixels)
+    img = ImageOps.exif_transpose(img) or img
+    gray = _to_grayscale(img)
+    if gray.size != (size, size):
+        # Squash to a square as the resized dataset does; BILINEAR with PIL's support scaling antialiases.
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(gray, dtype=np.uint8)[:, :, None]  # (S, S, 1)
+
+
+def decode_file(path: str | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`decode_image` on a file's bytes."""
+    return decode_image(Path(path).read_bytes(), size, max_pixels=max_pixels)

@@ -1,0 +1,58 @@
+"""tf.data pipelines, callbacks and the fit loop, on decoded uint8 arrays."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def configure_threads(intra_op: int | None, inter_op: int | None = 2) -> None:
+    """Fix TensorFlow's thread pools before the first op runs (no effect afterwards)."""
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:  # TensorFlow already initialised: keep its pools
+        pass
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    augmentation: keras.Model | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (float32 (B, S, S, 1) in 0..255, float32 (B,) labels); augmentation on train only."""
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype("float32")))
+    if shuffle:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augmentation is not None:
+        ds = ds.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
+    """Early stopping and learning-rate reduction, both watching validation AUC only."""
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=patience, restore_best_weights=True, verbose=0
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_auc", mode="max", factor=0.3, patience=max(1, patience // 2), min_lr=1e-5, verbose=0
+        ),
+    ]
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pneumonia probabilities, shape (N,)."""
+    out = [
+        np.asarray(model(tf.cast(images[i : i + batch_size], tf.float32), training=False))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out).reshape(-1) if out else np.zeros(0, dtype="float32")

@@ -1,0 +1,33 @@
+"""The training flow: load -> visualize -> search -> train -> evaluate -> register, in one MLflow run."""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow
+
+from cxr_model.config import TrainConfig
+from tasks.data import load_data
+from tasks.evaluate import evaluate
+from tasks.register import register
+from tasks.search import search
+from tasks.tracking import git_commit
+from tasks.training import train_model
+from tasks.visualize import visualize
+
+
+@flow(name="cxr-pneumonia-train", log_prints=True)
+def train_flow(cfg: TrainConfig) -> dict:
+    """Run the whole workflow for one config; returns the run id, test metrics and the registered version."""
+    mlflow.set_experiment(cfg.experiment_name)
+    tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline"}
+    with mlflow.start_run(run_name=f"{cfg.profile}-{cfg.tuner}", tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({f"cfg/{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        data = load_data(cfg, run_id)
+        visualize(cfg, data, run_id)
+        hparams = search(cfg, data, run_id)
+        trained = train_model(cfg, data, hparams, run_id)
+        evaluation = evaluate(cfg, data, trained, run_id)
+        registration = register(cfg, data, trained, evaluation, run_id)
+    return {"run_id": run_id, "test": evaluation.test, "threshold": evaluation.threshold,
+            "registered": registration.model_dump()}

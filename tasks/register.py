@@ -1,0 +1,92 @@
+"""Registry task: log the pyfunc model, register it, and move `champion` only on a better validation score."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel
+
+import cxr_model
+from cxr_model.config import TrainConfig
+from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, encode_file
+from tasks.data import DataHandle, read_manifest
+from tasks.evaluate import Evaluation
+from tasks.tracking import in_run
+from tasks.training import TrainedModel
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SCORE_TAG = "val_score"
+
+
+class Registration(BaseModel):
+    name: str
+    version: str
+    alias: str
+    score: float
+    champion_score: float | None  # the score of the champion it was compared with (None: first version)
+    model_uri: str
+
+
+def should_promote(new_score: float, champion_score: float | None) -> bool:
+    """True when the new version beats the current champion (or there is none) on validation."""
+    if math.isnan(new_score):
+        return False
+    return champion_score is None or math.isnan(champion_score) or new_score > champion_score
+
+
+def champion_score(client: MlflowClient, name: str) -> float | None:
+    """The validation score recorded on the current champion, or None if no champion exists."""
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return float(version.tags.get(SCORE_TAG, "nan"))
+
+
+def assign_alias(client: MlflowClient, name: str, version: str, score: float) -> tuple[str, float | None]:
+    """Give `version` the champion alias if it beats the holder, else the challenger alias."""
+    current = champion_score(client, name)
+    alias = CHAMPION if should_promote(score, current) else CHALLENGER
+    client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
+    client.set_registered_model_alias(name, alias, version)
+    return alias, current
+
+
+@task(name="register", cache_policy=NONE)
+def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluation: Evaluation,
+             run_id: str) -> Registration:
+    """Log the served model with signature and example, register it and set its alias."""
+    out = Path(trained.model_path).parent
+    meta = dict(threshold=evaluation.threshold, image_size=cfg.image_size, labels=["NORMAL", "PNEUMONIA"],
+                threshold_rule=cfg.threshold_rule, data_digest=data.digest, run_id=run_id)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    manifest = read_manifest(data)
+    example_path = manifest[manifest["split"] == "val"]["path"].iloc[0]
+    example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_path)]})
+    score = float(evaluation.val[cfg.champion_metric])
+    with in_run(run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CxrPneumoniaModel(),
+            artifacts={"keras_model": trained.model_path, "meta": str(out / "meta.json")},
+            code_paths=[str(Path(cxr_model.__file__).parent)], signature=SIGNATURE, input_example=example,
+            registered_model_name=cfg.model_name,
+        )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
+                           "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+        alias, previous = assign_alias(client, cfg.model_name, version, score)
+        mlflow.set_tags({"registered_version": version, "registered_alias": alias})
+    print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
+          f"champion had {previous})")
+    return Registration(name=cfg.model_name, version=version, alias=alias, score=score,
+                        champion_score=previous, model_uri=f"models:/{cfg.model_name}/{version}")

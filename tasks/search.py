@@ -1,0 +1,73 @@
+"""Search task: Keras-Tuner over the convnet, one nested MLflow run per trial, resumable state."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NONE
+
+from cxr_model.config import TrainConfig
+from cxr_model.data import class_weights
+from cxr_model.model import build_augmentation
+from cxr_model.search import ConvNetHyperModel, make_tuner
+from cxr_model.train import make_dataset
+from tasks.data import DataHandle, open_data
+from tasks.tracking import MlflowEpochLogger, in_run
+
+
+class MlflowTrials:
+    """Tuner mixin: each trial runs inside a nested MLflow run of the flow's parent run."""
+
+    parent_run_id: str = ""
+
+    def run_trial(self, trial, *args, **kwargs):
+        tags = {"cxr.role": "trial", "trial_id": str(trial.trial_id)}
+        with mlflow.start_run(run_name=f"trial-{trial.trial_id}", nested=True,
+                              parent_run_id=self.parent_run_id, tags=tags):
+            mlflow.log_params(trial.hyperparameters.values)
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), MlflowEpochLogger()]
+            return super().run_trial(trial, *args, **kwargs)
+
+
+def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """A label-stratified share of the training split for cheaper trials."""
+    if fraction >= 1.0:
+        return train
+    return train.groupby("label", group_keys=False).sample(frac=fraction, random_state=seed)
+
+
+@task(name="search", cache_policy=NONE)
+def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
+    """Run (or resume) the search; return the best trial's hyperparameter values."""
+    keras.utils.set_random_seed(cfg.seed)
+    manifest, images = open_data(cfg, data)
+    train = search_subset(manifest[manifest["split"] == "train"], cfg.search_fraction, cfg.seed)
+    val = manifest[manifest["split"] == "val"]
+    x_train, x_val = (images.take(part) for part in (train, val))
+    augment = build_augmentation(**cfg.augmentation_params())
+    train_ds = make_dataset(x_train, train["label"].to_numpy(), cfg.batch_size,
+                            augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
+    val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
+
+    tuner = make_tuner(
+        cfg.tuner, ConvNetHyperModel(cfg.image_size), cfg.tuner_dir,
+        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px", max_trials=cfg.max_trials,
+        search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
+    )
+    tuner.parent_run_id = run_id
+    weights = class_weights(train["label"].to_numpy()) if cfg.class_weights else None
+    with in_run(run_id):
+        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs, class_weight=weights,
+                     callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
+                     verbose=0)
+        best = tuner.get_best_hyperparameters(1)[0].values
+        trials = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
+        scores = [t.score for t in trials if t.score is not None]
+        mlflow.log_params({f"best/{k}": v for k, v in best.items()})
+        mlflow.log_metrics({"search/best_val_auc": float(np.max(scores)) if scores else float("nan"),
+                            "search/completed_trials": float(len(scores))})
+    print(f"Search finished: {len(scores)} trials, best val AUC {max(scores, default=float('nan')):.4f}, {best}")
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}

@@ -1,0 +1,92 @@
+"""MLflow plumbing shared by the tasks: the parent run, per-epoch logging, figures and Prefect artifacts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import keras
+import mlflow
+from matplotlib.figure import Figure
+
+
+@contextmanager
+def in_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Make `run_id` the active MLflow run, reusing it when it already is (tasks run in flow threads)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    # A task in a worker thread has no active run: attach to the parent without ending it afterwards.
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    finally:
+        mlflow.end_run(status="RUNNING")
+
+
+def git_commit() -> str:
+    """The checkout's commit, or 'unknown' outside a git work tree (e.g. in the Docker image)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def metric_key(keras_name: str) -> str:
+    """Keras history key -> stable MLflow key: 'val_auc' -> 'val/auc', 'loss' -> 'train/loss'."""
+    if keras_name.startswith("val_"):
+        return "val/" + keras_name[4:]
+    return "train/" + keras_name
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Log every epoch's metrics to the active MLflow run under train/ and val/ keys."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {metric_key(k): float(v) for k, v in (logs or {}).items()}
+        if metrics:
+            mlflow.log_metrics(metrics, step=epoch)
+
+
+def figure_png(fig: Figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_figure(fig: Figure, artifact_file: str) -> bytes:
+    """Log a figure as a PNG artifact of the active run; return the PNG bytes (for Prefect artifacts)."""
+    png = figure_png(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_bytes(png)
+        folder = str(Path(artifact_file).parent)
+        mlflow.log_artifact(str(path), artifact_path=None if folder == "." else folder)
+    return png
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """A Prefect markdown artifact when running inside a flow; a no-op outside one."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+def png_markdown(title: str, png: bytes) -> str:
+    """An inline (data URI) image for a Prefect markdown artifact."""
+    return f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n"

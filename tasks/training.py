@@ -1,0 +1,61 @@
+"""Training task: retrain the best hyperparameters with augmentation, class weights and early stopping."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel
+
+from cxr_model import plots
+from cxr_model.config import TrainConfig
+from cxr_model.data import class_weights
+from cxr_model.model import build_augmentation, build_convnet, count_flops
+from cxr_model.search import config_from_hparams
+from cxr_model.train import make_dataset, training_callbacks
+from tasks.data import DataHandle, open_data
+from tasks.tracking import MlflowEpochLogger, in_run, log_figure
+
+
+class TrainedModel(BaseModel):
+    """Where the trained Keras model lives and what it was built from."""
+
+    model_path: str
+    convnet: dict  # ConvNetConfig fields
+    epochs_trained: int
+
+
+@task(name="train", cache_policy=NONE)
+def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) -> TrainedModel:
+    """Fit on train, stop and reduce the learning rate on validation, save the best weights."""
+    keras.utils.set_random_seed(cfg.seed)
+    manifest, images = open_data(cfg, data)
+    train, val = (manifest[manifest["split"] == s] for s in ("train", "val"))
+    x_train, x_val = (images.take(part) for part in (train, val))
+    augment = build_augmentation(**cfg.augmentation_params())
+    train_ds = make_dataset(x_train, train["label"].to_numpy(), cfg.batch_size,
+                            augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
+    val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
+    model_cfg = config_from_hparams(hparams, cfg.image_size)
+    model = build_convnet(model_cfg)
+    weights = class_weights(train["label"].to_numpy()) if cfg.class_weights else None
+
+    with in_run(run_id):
+        mlflow.log_params({f"model/{k}": v for k, v in model_cfg.to_dict().items()})
+        mlflow.log_params({"model/parameters": model.count_params(), "model/flops_per_image": count_flops(model_cfg)})
+        started = time.perf_counter()
+        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights,
+                            callbacks=[*training_callbacks(cfg.patience), MlflowEpochLogger()], verbose=2)
+        seconds = time.perf_counter() - started
+        epochs = len(history.history["loss"])
+        mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
+                            "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
+        log_figure(plots.learning_curves(history.history), "plots/learning_curves.png")
+    out = cfg.output_dir / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.keras"
+    model.save(model_path)
+    return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs)
