@@ -1,0 +1,109 @@
+"""Shared fixtures: synthetic image folders for unit tests, a real-data subset and one smoke flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS, CLASSES = ("train", "test"), ("NORMAL", "PNEUMONIA")
+
+
+def real_data_dir() -> Path | None:
+    """The real dataset: CXR_DATA_DIR, else ../shared/data/chest_xray beside the checkout."""
+    for candidate in (os.environ.get("CXR_DATA_DIR"), REPO.parent / "shared" / "data" / "chest_xray"):
+        if candidate and (Path(candidate) / "train" / "NORMAL").is_dir():
+            return Path(candidate)
+    return None
+
+
+def write_xray(path: Path, seed: int, size: tuple[int, int] = (40, 32), mode: str = "L") -> Path:
+    """A small synthetic 'X-ray': noise plus a bright blob whose side depends on the seed."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    arr = rng.integers(0, 80, (h, w)).astype(np.uint8)
+    arr[h // 4 : 3 * h // 4, (seed % 2) * w // 2 : (seed % 2) * w // 2 + w // 2] += 120
+    img = Image.fromarray(arr, "L")
+    if mode != "L":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path: Path) -> Path:
+    """Kaggle layout with 3 patients x 2 images per class in train and 2 images per class in test."""
+    root = tmp_path / "chest_xray"
+    seed = 0
+    for split in SPLITS:
+        for label, cls in enumerate(CLASSES):
+            for patient in range(3 if split == "train" else 1):
+                for image in range(2):
+                    seed += 1
+                    name = (f"person{patient + 10 * label}_bacteria_{image}.jpeg" if cls == "PNEUMONIA"
+                            else f"IM-{patient:04d}-{image:04d}.jpeg")
+                    write_xray(root / split / cls / name, seed * 2 + label)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small copy (temporary, never committed) of the real dataset: 24 images per split and class."""
+    source = real_data_dir()
+    if source is None:
+        pytest.skip("real dataset not found: set CXR_DATA_DIR or place it at ../shared/data/chest_xray")
+    root = tmp_path_factory.mktemp("real") / "chest_xray"
+    for split in SPLITS:
+        for cls in CLASSES:
+            files = sorted((source / split / cls).glob("*.jpeg"))
+            # evenly spaced files spread the subset over many patients
+            for f in files[:: max(1, len(files) // 24)][:24]:
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, root / split / cls / f.name)
+    return root
+
+
+@dataclass
+class FlowRun:
+    """One `cxr train` run in its own folder, with its own MLflow store and Prefect home."""
+
+    cwd: Path
+    tracking_uri: str
+    env: dict
+    stdout: str
+
+
+def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None) -> FlowRun:
+    cwd.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    env = dict(env or os.environ)
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PREFECT_HOME=str(cwd / "prefect-home"),
+               CXR_WORK_DIR=str(cwd / "work"), PYTHONUNBUFFERED="1")
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir), *extra]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"cxr train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return FlowRun(cwd=cwd, tracking_uri=tracking_uri, env=env, stdout=proc.stdout)
+
+
+def flow_result(run: FlowRun) -> dict:
+    """The JSON summary `cxr train` prints last."""
+    text = run.stdout
+    return json.loads(text[text.rindex("\n{") + 1 :] if "\n{" in text else text[text.index("{") :])
+
+
+@pytest.fixture(scope="session")
+def smoke_flow(tmp_path_factory: pytest.TempPathFactory, real_subset: Path) -> FlowRun:
+    """The whole flow, smoke profile, on the real subset; shared by the integration and serving tests."""
+    return run_cxr_train(tmp_path_factory.mktemp("flow"), real_subset)
