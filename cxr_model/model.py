@@ -50,7 +50,8 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
         width = min(cfg.filters * 2**b, cfg.max_filters)
         for c in range(cfg.convs_per_block):
             x = _conv_bn_relu(x, width, name=f"block{b + 1}_{c + 1}")
-        x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
+        if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
+            x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
     x = layers.GlobalAveragePooling2D(name="gap")(x)  # (B, C)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
     if cfg.dense_units:
@@ -99,7 +100,7 @@ def count_flops(cfg: ConvNetConfig) -> int:
         for _ in range(cfg.convs_per_block):
             flops += 2 * side * side * 9 * channels * width
             channels = width
-        side //= 2
+        side = side // 2 if side >= 2 else side
     if cfg.dense_units:
         flops += 2 * channels * cfg.dense_units + 2 * cfg.dense_units
     else:

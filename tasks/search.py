@@ -63,11 +63,12 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
         tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs, class_weight=weights,
                      callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
                      verbose=0)
+        scores = [t.score for t in tuner.oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
+        if not scores:
+            raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {cfg.tuner_dir}")
         best = tuner.get_best_hyperparameters(1)[0].values
-        trials = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
-        scores = [t.score for t in trials if t.score is not None]
         mlflow.log_params({f"best/{k}": v for k, v in best.items()})
-        mlflow.log_metrics({"search/best_val_auc": float(np.max(scores)) if scores else float("nan"),
+        mlflow.log_metrics({"search/best_val_auc": float(np.max(scores)),
                             "search/completed_trials": float(len(scores))})
-    print(f"Search finished: {len(scores)} trials, best val AUC {max(scores, default=float('nan')):.4f}, {best}")
+    print(f"Search finished: {len(scores)} trials, best val AUC {max(scores):.4f}, {best}")
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}

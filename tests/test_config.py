@@ -1,0 +1,47 @@
+"""Profiles, overrides and the data-folder message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cxr_model.config import PROFILES, DataConfigError, load_config
+
+
+def test_profiles_load_and_overrides_win() -> None:
+    for name in PROFILES:
+        assert load_config(name).profile == name
+    cfg = load_config("smoke", epochs=3, max_trials=None, data_dir="~/x")
+    assert cfg.epochs == 3 and cfg.max_trials == PROFILES["smoke"]["max_trials"]
+    assert cfg.data_dir == Path("~/x").expanduser()
+
+
+def test_bad_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match="Unknown profile"):
+        load_config("huge")
+    with pytest.raises(ValidationError):
+        load_config("smoke", val_fraction=0.9)
+    with pytest.raises(ValidationError):
+        load_config("smoke", no_such_setting=1)
+
+
+def test_missing_data_dir_explains_where_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXR_DATA_DIR", raising=False)
+    with pytest.raises(DataConfigError, match="paultimothymooney/chest-xray-pneumonia.*CXR_DATA_DIR"):
+        load_config("smoke").resolved_data_dir()
+
+
+def test_env_var_points_at_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    assert load_config("smoke").resolved_data_dir() == tmp_path.resolve()
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(DataConfigError, match="does not exist"):
+        load_config("smoke").resolved_data_dir()
+
+
+def test_work_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CXR_WORK_DIR", str(tmp_path))
+    cfg = load_config("smoke")
+    assert cfg.cache_dir == tmp_path / "cache" and cfg.tuner_dir == tmp_path / "tuner"

@@ -1,0 +1,122 @@
+"""The whole flow on a small real subset: what a person looks for in `mlflow ui` and the registry."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, FlowRun, flow_result, run_cxr_train
+
+pytestmark = pytest.mark.integration
+
+PLOTS = {"class_counts", "sample_images", "augmentations", "learning_curves", "confusion_val", "confusion_test",
+         "roc"}
+TEST_METRICS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc"}
+
+
+def _runs(client: MlflowClient, role: str):
+    exp = client.get_experiment_by_name("cxr-pneumonia")
+    return client.search_runs([exp.experiment_id], f"tags.`cxr.role` = '{role}'", order_by=["attributes.start_time"])
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
+    client = MlflowClient(smoke_flow.tracking_uri)
+    (parent,) = _runs(client, "pipeline")
+    assert parent.info.status == "FINISHED"
+    # tags
+    assert parent.data.tags["profile"] == "smoke"
+    assert len(parent.data.tags["data_digest"]) == 16
+    assert parent.data.tags["git_commit"]
+    # params: config, data counts, best hyperparameters, final model
+    params = parent.data.params
+    assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
+    assert int(params["data/train_normal"]) > 0 and int(params["data/test_pneumonia"]) == 16
+    assert {"best/blocks", "best/dropout", "best/learning_rate", "model/flops_per_image"} <= set(params)
+    # metrics: the headline, every test metric, the validation-chosen threshold
+    metrics = parent.data.metrics
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["test_accuracy"] == metrics["test/accuracy"]
+    assert {f"test/{m}" for m in TEST_METRICS} <= set(metrics)
+    assert metrics["test/threshold"] == metrics["val/final_threshold"]
+    assert len(client.get_metric_history(parent.info.run_id, "val/auc")) >= 1  # per-epoch training curve
+    # artifacts
+    artifacts = _artifacts(client, parent.info.run_id)
+    assert {f"plots/{p}.png" for p in PLOTS} <= artifacts
+    assert {"evaluation/summary.md", "evaluation/classification_report.txt", "data/manifest.csv",
+            "data/skipped_files.csv", "data/cross_split_duplicates.csv"} <= artifacts
+    png = client.download_artifacts(parent.info.run_id, "plots/roc.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the dataset inputs, one per split, carrying the digest
+    inputs = {d.dataset.name: d for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"chest_xray-train", "chest_xray-val", "chest_xray-test"}
+    assert all(d.dataset.digest.startswith(parent.data.tags["data_digest"]) for d in inputs.values())
+
+
+def test_trials_are_nested_runs(smoke_flow: FlowRun) -> None:
+    client = MlflowClient(smoke_flow.tracking_uri)
+    (parent,) = _runs(client, "pipeline")
+    trials = _runs(client, "trial")
+    assert len(trials) == 2  # smoke: max_trials=2
+    for trial in trials:
+        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"blocks", "filters", "dropout", "dense_units", "learning_rate"} <= set(trial.data.params)
+        assert "val/auc" in trial.data.metrics and "train/loss" in trial.data.metrics
+
+
+def test_first_version_is_champion_and_prefect_has_artifacts(smoke_flow: FlowRun) -> None:
+    client = MlflowClient(smoke_flow.tracking_uri)
+    result = flow_result(smoke_flow)
+    champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
+    assert str(champion.version) == result["registered"]["version"] == "1"
+    assert champion.run_id == result["run_id"]
+    assert float(champion.tags["val_score"]) == pytest.approx(result["registered"]["score"], abs=1e-6)
+    mlflow.set_tracking_uri(smoke_flow.tracking_uri)
+    try:
+        info = mlflow.models.get_model_info("models:/cxr-pneumonia@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.outputs.input_names() == ["probability", "label", "threshold"]
+    assert info.saved_input_example_info is not None
+    with sqlite3.connect(smoke_flow.cwd / "prefect-home" / "prefect.db") as db:
+        keys = {k for (k,) in db.execute("select key from artifact")}
+    assert {"data-figures", "evaluation-summary"} <= keys
+
+
+def test_second_run_resumes_search_and_only_a_better_model_takes_champion(smoke_flow: FlowRun, real_subset) -> None:
+    client = MlflowClient(smoke_flow.tracking_uri)
+    first_score = float(client.get_model_version_by_alias("cxr-pneumonia", "champion").tags["val_score"])
+    second = run_cxr_train(smoke_flow.cwd, real_subset, "--resume", "--epochs", "1", env=smoke_flow.env)
+    result = flow_result(second)
+    assert result["registered"]["version"] == "2"
+    # --resume continued the finished search: no new trial runs, two completed trials on record
+    assert len(_runs(client, "trial")) == 2
+    parent = client.get_run(result["run_id"])
+    assert parent.data.metrics["search/completed_trials"] == 2
+    champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
+    if result["registered"]["score"] > first_score:
+        assert str(champion.version) == "2"
+    else:
+        assert str(champion.version) == "1"
+        assert str(client.get_model_version_by_alias("cxr-pneumonia", "challenger").version) == "2"
+
+
+def test_cli_without_data_explains_where_to_get_it(tmp_path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "CXR_DATA_DIR" in proc.stderr and "chest-xray-pneumonia" in proc.stderr
+    assert REPO.exists()

@@ -1,0 +1,113 @@
+"""The convnet builder, the hypermodel and the tuner factory, on tiny inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from cxr_model.model import ConvNetConfig, PerImageStandardization, build_augmentation, build_convnet, count_flops
+from cxr_model.search import ConvNetHyperModel, config_from_hparams, make_tuner, sample_config
+from cxr_model.train import make_dataset, predict_proba
+
+
+def test_build_convnet_shapes_and_compile() -> None:
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=16)
+    model = build_convnet(cfg)
+    assert model.input_shape == (None, 32, 32, 1)
+    assert model.output_shape == (None, 1)
+    out = np.asarray(model(np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype("float32")))
+    assert out.shape == (3, 1) and ((out > 0) & (out < 1)).all()
+    assert {m.name for m in model.metrics} >= {"loss", "compile_metrics"}
+    assert [layer.name for layer in model.layers].count("dense") == 1
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_block_count_and_width(blocks: int) -> None:
+    model = build_convnet(ConvNetConfig(image_size=64, blocks=blocks, filters=8, max_filters=16, dense_units=0))
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 1 + blocks  # stem + one conv per block
+    assert [c.filters for c in convs[1:]] == [min(8 * 2**b, 16) for b in range(blocks)]
+    assert "dense" not in [layer.name for layer in model.layers]
+
+
+def test_standardization_removes_exposure_differences() -> None:
+    x = np.random.default_rng(1).uniform(0, 100, (2, 16, 16, 1)).astype("float32")
+    layer = PerImageStandardization()
+    a, b = np.asarray(layer(x)), np.asarray(layer(x * 2.0 + 30.0))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(a.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+
+
+def test_model_round_trips_through_keras_file(tmp_path: Path) -> None:
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8))
+    x = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 1)).astype("uint8")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
+
+
+def test_deep_net_on_small_input_stops_pooling() -> None:
+    model = build_convnet(ConvNetConfig(image_size=16, blocks=5, filters=8))
+    assert model.output_shape == (None, 1)
+
+
+def test_count_flops_grows_with_size_and_shrinks_with_stride() -> None:
+    base = ConvNetConfig(image_size=64)
+    assert count_flops(ConvNetConfig(image_size=128)) == pytest.approx(4 * count_flops(base), rel=0.05)
+    assert count_flops(ConvNetConfig(image_size=64, stem_stride=1)) > 3 * count_flops(base)
+
+
+def test_augmentation_changes_train_images_only() -> None:
+    aug = build_augmentation(rotation=0.1, zoom=0.1, translation=0.1, contrast=0.3, brightness=0.2, seed=0)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    assert not np.allclose(np.asarray(aug(x, training=True)), x)
+    np.testing.assert_allclose(np.asarray(aug(x, training=False)), x)
+
+
+def test_make_dataset_batches_float_images() -> None:
+    x = np.zeros((10, 16, 16, 1), np.uint8)
+    y = np.array([0, 1] * 5)
+    batches = list(make_dataset(x, y, batch_size=4, shuffle=True, seed=0))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert batches[0][0].dtype.name == "float32"
+
+
+def test_hypermodel_samples_the_search_space() -> None:
+    hp = kt.HyperParameters()
+    model = ConvNetHyperModel(image_size=32).build(hp)
+    assert {"blocks", "filters", "convs_per_block", "dropout", "dense_units", "learning_rate"} <= set(hp.values)
+    assert model.input_shape == (None, 32, 32, 1)
+    cfg = config_from_hparams(hp.values, 32)
+    assert cfg == sample_config(hp, 32)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(hp.values["learning_rate"])
+
+
+def test_config_from_hparams_rebuilds_a_trial() -> None:
+    values = dict(blocks=5, filters=24, convs_per_block=2, dropout=0.4, dense_units=0, learning_rate=1e-3)
+    cfg = config_from_hparams(values, 96)
+    assert (cfg.blocks, cfg.filters, cfg.convs_per_block, cfg.dense_units, cfg.image_size) == (5, 24, 2, 0, 96)
+
+
+@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+def test_tuner_runs_and_resumes(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 32, 32, 1)).astype("uint8")
+    y = np.array([0, 1] * 8)
+    ds = make_dataset(x, y, batch_size=8)
+
+    def tuner(resume: bool):
+        return make_tuner(kind, ConvNetHyperModel(32), tmp_path, "t", max_trials=1, search_epochs=1, seed=0,
+                          resume=resume)
+
+    first = tuner(resume=False)
+    first.search(ds, validation_data=ds, epochs=1, verbose=0)
+    done = len(first.oracle.trials)
+    assert done >= 1
+    assert all(t.status == "COMPLETED" and t.score is not None for t in first.oracle.trials.values())
+    resumed = tuner(resume=True)
+    assert len(resumed.oracle.trials) == done  # state reloaded from disk, not started over
+    assert tuner(resume=False).oracle.trials == {}  # a fresh search wipes the state
