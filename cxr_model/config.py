@@ -35,7 +35,13 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)  # share of train patients held out for validation
     max_per_class: int | None = Field(None, ge=2)  # cap images per split and class (smoke runs)
     seed: int = 42  # one seed for the split, the tuner and weight init
-    # search
+    # search (the space: ranges of ConvNetHyperModel; see cxr_model.search.SearchSpace)
+    search_blocks: tuple[int, int] = (3, 5)
+    search_filters: tuple[int, ...] = (16, 24, 32)
+    search_convs_per_block: tuple[int, int] = (1, 2)
+    search_dropout: tuple[float, float] = (0.1, 0.5)
+    search_dense_units: tuple[int, ...] = (0, 64, 128)
+    search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
     search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)
@@ -76,6 +82,12 @@ class TrainConfig(BaseModel):
             raise DataConfigError(f"Dataset folder {path} does not exist. {DATASET_HELP}")
         return path
 
+    def search_space_params(self) -> dict[str, tuple]:
+        """Keyword arguments of `SearchSpace` for this run."""
+        return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
+                    dropout=self.search_dropout, dense_units=self.search_dense_units,
+                    learning_rate=self.search_learning_rate)
+
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""
         return dict(rotation=self.rotation, zoom=self.zoom, translation=self.translation,
@@ -103,6 +115,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # the README's main job: whole dataset and a real search in about 20 minutes on 2 CPU cores
     "default": dict(
         image_size=128, max_trials=4, search_epochs=2, search_fraction=0.5, epochs=12, patience=4,
+        search_convs_per_block=(1, 1),  # one conv per block keeps an epoch under a minute on 2 cores
     ),
     # the best model the project makes; hours on CPU are fine
     "full": dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras_tuner as kt
@@ -12,36 +13,50 @@ OBJECTIVE = kt.Objective("val_auc", direction="max")
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 
 
-def sample_config(hp: kt.HyperParameters, image_size: int) -> ConvNetConfig:
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges the tuner samples; profiles narrow them to fit their time budget."""
+
+    blocks: tuple[int, int] = (3, 5)  # conv blocks after the stem (min, max)
+    filters: tuple[int, ...] = (16, 24, 32)  # first-block widths to choose from
+    convs_per_block: tuple[int, int] = (1, 2)  # (min, max)
+    dropout: tuple[float, float] = (0.1, 0.5)  # (min, max), step 0.1
+    dense_units: tuple[int, ...] = (0, 64, 128)
+    learning_rate: tuple[float, float] = (3e-4, 3e-3)  # log-uniform (min, max)
+    fixed: dict = field(default_factory=dict)  # other ConvNetConfig fields, e.g. {"stem_stride": 2}
+
+
+def sample_config(hp: kt.HyperParameters, image_size: int, space: SearchSpace = SearchSpace()) -> ConvNetConfig:
     """Draw one architecture from the search space: blocks, filters, dropout, dense width, learning rate."""
     return ConvNetConfig(
         image_size=image_size,
-        blocks=hp.Int("blocks", 3, 5),
-        filters=hp.Choice("filters", [16, 24, 32]),
-        convs_per_block=hp.Int("convs_per_block", 1, 2),
-        dropout=hp.Float("dropout", 0.1, 0.5, step=0.1),
-        dense_units=hp.Choice("dense_units", [0, 64, 128]),
-        learning_rate=hp.Float("learning_rate", 3e-4, 3e-3, sampling="log"),
+        blocks=hp.Int("blocks", *space.blocks),
+        filters=hp.Choice("filters", list(space.filters)),
+        convs_per_block=hp.Int("convs_per_block", *space.convs_per_block),
+        dropout=hp.Float("dropout", *space.dropout, step=0.1),
+        dense_units=hp.Choice("dense_units", list(space.dense_units)),
+        learning_rate=hp.Float("learning_rate", *space.learning_rate, sampling="log"),
+        **space.fixed,
     )
 
 
-def config_from_hparams(values: dict, image_size: int) -> ConvNetConfig:
+def config_from_hparams(values: dict, image_size: int, space: SearchSpace = SearchSpace()) -> ConvNetConfig:
     """Rebuild the ConvNetConfig of a finished trial from its hyperparameter values."""
     hp = kt.HyperParameters()
     for name, value in values.items():
         hp.Fixed(name, value)
-    return sample_config(hp, image_size)
+    return sample_config(hp, image_size, space)
 
 
 class ConvNetHyperModel(kt.HyperModel):
-    """Builds `build_convnet(sample_config(hp))` for one fixed input size."""
+    """Builds `build_convnet(sample_config(hp))` for one fixed input size and search space."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, space: SearchSpace = SearchSpace()):
         super().__init__(name="cxr_convnet")
-        self.image_size = image_size
+        self.image_size, self.space = image_size, space
 
     def build(self, hp: kt.HyperParameters):
-        return build_convnet(sample_config(hp, self.image_size))
+        return build_convnet(sample_config(hp, self.image_size, self.space))
 
 
 def make_tuner(

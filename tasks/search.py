@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import keras
 import mlflow
 import numpy as np
@@ -12,7 +15,7 @@ from prefect.cache_policies import NONE
 from cxr_model.config import TrainConfig
 from cxr_model.data import class_weights
 from cxr_model.model import build_augmentation
-from cxr_model.search import ConvNetHyperModel, make_tuner
+from cxr_model.search import ConvNetHyperModel, SearchSpace, make_tuner
 from cxr_model.train import make_dataset
 from tasks.data import DataHandle, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
@@ -52,9 +55,12 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
                             augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
     val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
 
+    space = cfg.search_space_params()
+    # Resuming only makes sense for the same data, input size and space: they name the state folder.
+    space_key = hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:8]
     tuner = make_tuner(
-        cfg.tuner, ConvNetHyperModel(cfg.image_size), cfg.tuner_dir,
-        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px", max_trials=cfg.max_trials,
+        cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace(**space)), cfg.tuner_dir,
+        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{space_key}", max_trials=cfg.max_trials,
         search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
     )
     tuner.parent_run_id = run_id

@@ -14,7 +14,7 @@ from cxr_model import plots
 from cxr_model.config import TrainConfig
 from cxr_model.data import class_weights
 from cxr_model.model import build_augmentation, build_convnet, count_flops
-from cxr_model.search import config_from_hparams
+from cxr_model.search import SearchSpace, config_from_hparams
 from cxr_model.train import make_dataset, training_callbacks
 from tasks.data import DataHandle, open_data
 from tasks.tracking import MlflowEpochLogger, in_run, log_figure
@@ -39,7 +39,7 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
     train_ds = make_dataset(x_train, train["label"].to_numpy(), cfg.batch_size,
                             augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
     val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
-    model_cfg = config_from_hparams(hparams, cfg.image_size)
+    model_cfg = config_from_hparams(hparams, cfg.image_size, SearchSpace(**cfg.search_space_params()))
     model = build_convnet(model_cfg)
     weights = class_weights(train["label"].to_numpy()) if cfg.class_weights else None
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cxr_model.model import ConvNetConfig, PerImageStandardization, build_augmentation, build_convnet, count_flops
-from cxr_model.search import ConvNetHyperModel, config_from_hparams, make_tuner, sample_config
+from cxr_model.search import ConvNetHyperModel, SearchSpace, config_from_hparams, make_tuner, sample_config
 from cxr_model.train import make_dataset, predict_proba
 
 
@@ -111,3 +111,17 @@ def test_tuner_runs_and_resumes(tmp_path: Path, kind: str) -> None:
     resumed = tuner(resume=True)
     assert len(resumed.oracle.trials) == done  # state reloaded from disk, not started over
     assert tuner(resume=False).oracle.trials == {}  # a fresh search wipes the state
+
+
+def test_search_space_bounds_are_respected(tmp_path: Path) -> None:
+    space = SearchSpace(blocks=(3, 3), filters=(8,), convs_per_block=(1, 1), dense_units=(0,),
+                        fixed={"stem_stride": 1})
+    tuner = make_tuner("random", ConvNetHyperModel(32, space), tmp_path, "s", max_trials=5, search_epochs=1, seed=0,
+                       resume=False)
+    for _ in range(5):  # draw values the way the search does, without training
+        hp = tuner.oracle.populate_space(f"t{_}")["values"]
+        if hp is None:
+            break
+        cfg = config_from_hparams(hp, 32, space)
+        assert (cfg.blocks, cfg.filters, cfg.convs_per_block, cfg.dense_units, cfg.stem_stride) == (3, 8, 1, 0, 1)
+        assert 0.1 <= cfg.dropout <= 0.5 and 3e-4 <= cfg.learning_rate <= 3e-3

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.register import CHAMPION, CHALLENGER, assign_alias, champion_score, should_promote
+from tasks.register import CHALLENGER, CHAMPION, assign_alias, champion_score, should_promote
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,8 @@ def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
 
     def new_version() -> str:
         run = client.create_run(exp)
-        return client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+        source = f"{run.info.artifact_uri}/model"
+        return client.create_model_version(name, source=source, run_id=run.info.run_id).version
 
     assert champion_score(client, name) is None
     v1 = new_version()
