@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import keras
 import mlflow
@@ -32,7 +33,12 @@ class MlflowTrials:
                               parent_run_id=self.parent_run_id, tags=tags):
             mlflow.log_params(trial.hyperparameters.values)
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), MlflowEpochLogger()]
-            return super().run_trial(trial, *args, **kwargs)
+            started = time.perf_counter()
+            results = super().run_trial(trial, *args, **kwargs)
+            seconds = time.perf_counter() - started
+            mlflow.log_metric("trial/seconds", seconds)
+            print(f"Trial {trial.trial_id} finished in {seconds:.0f} s: {trial.hyperparameters.values}")
+            return results
 
 
 def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:

@@ -1,0 +1,30 @@
+# Two entry points do all the set-up: `make train` (the default-profile flow) and `make test`.
+# Both create .venv from uv.lock first (idempotent), using only PyPI.
+PYTHON ?= python3.11
+UV_VERSION ?= 0.13.9
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: setup train test lint ui clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml uv.lock
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(PYTHON) -m uv sync --frozen --extra dev --python $(PYTHON)
+	touch $@
+
+train: setup  ## the main job: the whole flow, default profile (needs CXR_DATA_DIR or ARGS=--data-dir DIR)
+	$(VENV)/bin/cxr train --profile default $(ARGS)
+
+test: setup  ## unit tests on synthetic images + integration tests on a small real subset
+	$(VENV)/bin/pytest $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check cxr_model tasks flows tests benchmarks
+
+ui: setup  ## browse runs and the registry at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf work
