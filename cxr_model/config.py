@@ -114,7 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
     # the README's main job: whole dataset and a real search in about 20 minutes on 2 CPU cores
     "default": dict(
-        image_size=128, max_trials=4, search_epochs=2, search_fraction=0.5, epochs=12, patience=4,
+        image_size=128, max_trials=6, search_epochs=3, search_fraction=0.5, epochs=12, patience=4,
         search_convs_per_block=(1, 1),  # one conv per block keeps an epoch under a minute on 2 cores
     ),
     # the best model the project makes; hours on CPU are fine

@@ -32,7 +32,7 @@ def class_counts(manifest: pd.DataFrame) -> Figure:
 def image_grid(images: np.ndarray, titles: list[str], columns: int = 4, title: str = "") -> Figure:
     """Grayscale images (N, S, S, 1) in a grid with one caption each."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.9 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, caption in zip(axes.ravel(), images, titles, strict=False):
@@ -40,7 +40,6 @@ def image_grid(images: np.ndarray, titles: list[str], columns: int = 4, title: s
         ax.set_title(caption, fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -81,4 +80,18 @@ def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
     ax.legend(loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], columns: int = 4) -> Figure:
+    """Each image with its Grad-CAM heatmap overlaid (red: where the pneumonia score comes from)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.3 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, cam, caption in zip(axes.ravel(), images, heatmaps, titles, strict=False):
+        ax.imshow(np.asarray(img)[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=9)
+    fig.suptitle("Grad-CAM on fixed test images")
     return fig

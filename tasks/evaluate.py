@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import mlflow
+import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 import cxr_model.model  # noqa: F401  (registers the custom layer for loading)
 from cxr_model import plots
+from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
 from cxr_model.evaluate import binary_metrics, choose_threshold, classification_report
+from cxr_model.gradcam import gradcam
 from cxr_model.train import predict_proba
 from tasks.data import DataHandle, open_data
 from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
@@ -39,6 +45,16 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str) -> str:
     )
 
 
+def gradcam_figure(model: keras.Model, test: pd.DataFrame, images: DecodedImages, p_test: np.ndarray,
+                   threshold: float, per_class: int = 4):
+    """Grad-CAM for a fixed set of test images: the first `per_class` of each class by file name."""
+    picks = test.assign(prob=p_test).sort_values("path").groupby("label", group_keys=False).head(per_class)
+    x = images.take(picks)
+    titles = [f"{r.class_name} · p={r.prob:.2f} → {'PNEU' if r.prob >= threshold else 'NORM'}\n{Path(r.path).name[:22]}"
+              for r in picks.itertuples()]
+    return plots.gradcam_grid(x, gradcam(model, x), titles)
+
+
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: str) -> Evaluation:
     """Choose the threshold on validation, then score the test split once with it."""
@@ -58,6 +74,7 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
         mlflow.log_metrics({f"test/{k}": v for k, v in result.test.items()})
         mlflow.log_metric("test_accuracy", result.test["accuracy"])  # the reference notebook's headline
         figures = {
+            "plots/gradcam_test.png": gradcam_figure(model, test, images, p_test, threshold),
             "plots/confusion_val.png": plots.confusion(y_val, p_val, threshold, "Validation"),
             "plots/confusion_test.png": plots.confusion(y_test, p_test, threshold, "Test"),
             "plots/roc.png": plots.roc({"validation": (y_val, p_val), "test": (y_test, p_test)}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +16,7 @@ from tests.conftest import REPO, FlowRun, flow_result, run_cxr_train
 pytestmark = pytest.mark.integration
 
 PLOTS = {"class_counts", "sample_images", "augmentations", "learning_curves", "confusion_val", "confusion_test",
-         "roc"}
+         "roc", "gradcam_test"}
 TEST_METRICS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc"}
 
 
@@ -57,7 +58,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert {"evaluation/summary.md", "evaluation/classification_report.txt", "data/manifest.csv",
             "data/skipped_files.csv", "data/cross_split_duplicates.csv"} <= artifacts
     png = client.download_artifacts(parent.info.run_id, "plots/roc.png")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the dataset inputs, one per split, carrying the digest
     inputs = {d.dataset.name: d for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
     assert set(inputs) == {"chest_xray-train", "chest_xray-val", "chest_xray-test"}

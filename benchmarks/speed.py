@@ -1,0 +1,180 @@
+"""Speed benchmark: the reference notebook's training against the project's, on the same machine and run.
+
+    python benchmarks/speed.py --quick      # < 3 min: training throughput only, on a subset
+    python benchmarks/speed.py              # full: reference priced from 2 epochs, project x 3 seeds, default flow
+
+Writes benchmarks/results/speed-<quick|full>.json and prints a table. Needs CXR_DATA_DIR or --data-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference_augmentation, reference_flops  # noqa: E402
+
+from cxr_model.cache import decoded_images  # noqa: E402
+from cxr_model.config import load_config  # noqa: E402
+from cxr_model.data import class_weights, index_dataset, split_by_patient  # noqa: E402
+from cxr_model.evaluate import binary_metrics, choose_threshold  # noqa: E402
+from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, count_flops  # noqa: E402
+from cxr_model.train import make_dataset, predict_proba, training_callbacks  # noqa: E402
+
+# The project's recipe under test: the default profile's training on a fixed architecture from its search space.
+PROJECT = ConvNetConfig(image_size=128, blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """float32 matmul GFLOP/s on this machine (median of reps)."""
+    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    (a @ b).numpy()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        (a @ b).numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def timed_fit(model: keras.Model, ds: tf.data.Dataset, epochs: int, **fit) -> tuple[float, keras.callbacks.History]:
+    t = time.perf_counter()
+    history = model.fit(ds, epochs=epochs, verbose=0, **fit)
+    return time.perf_counter() - t, history
+
+
+def throughput(model: keras.Model, x: np.ndarray, y: np.ndarray, augment) -> float:
+    """Training images/s over one epoch after a warm-up of a few steps."""
+    ds = make_dataset(x, y, BATCH_SIZE, augment, shuffle=True)
+    model.fit(ds.take(3), epochs=1, verbose=0)
+    seconds, _ = timed_fit(model, ds, 1)
+    return len(x) / seconds
+
+
+def input_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, augment) -> float:
+    """Epoch time with the real pipeline / epoch time fed one constant in-memory batch (1.0 = input never waits)."""
+    real = make_dataset(x, y, BATCH_SIZE, augment, shuffle=True)
+    xb = tf.constant(x[:BATCH_SIZE].astype("float32"))
+    yb = tf.constant(y[:BATCH_SIZE].astype("float32"))
+    const = tf.data.Dataset.from_tensors((xb, yb)).repeat(len(x) // BATCH_SIZE)
+    model.fit(real.take(3), epochs=1, verbose=0)
+    t_real, _ = timed_fit(model, real, 1)
+    t_const, _ = timed_fit(model, const, 1)
+    return t_real / t_const * (len(x) // BATCH_SIZE) / -(-len(x) // BATCH_SIZE)
+
+
+def load_splits(data_dir: str, size: int, per_class: int | None):
+    cfg = load_config("default", data_dir=data_dir, image_size=size)
+    manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
+    if per_class:
+        manifest = manifest.groupby(["split", "label"], group_keys=False).head(per_class)
+    images = decoded_images(manifest, size, cfg.cache_dir)
+    return {s: (images.take(part), part["label"].to_numpy()) for s, part in manifest.groupby("split")}
+
+
+def train_project(splits, seed: int) -> dict:
+    """The project's training recipe for one seed: minutes and test metrics (threshold from validation)."""
+    keras.utils.set_random_seed(seed)
+    cfg = load_config("default", seed=seed)
+    (xt, yt), (xv, yv), (xs, ys) = splits["train"], splits["val"], splits["test"]
+    train = make_dataset(xt, yt, cfg.batch_size, build_augmentation(**cfg.augmentation_params()), shuffle=True,
+                         seed=seed)
+    model = build_convnet(PROJECT)
+    seconds, history = timed_fit(model, train, cfg.epochs, validation_data=make_dataset(xv, yv, cfg.batch_size),
+                                 class_weight=class_weights(yt), callbacks=training_callbacks(cfg.patience))
+    threshold = choose_threshold(yv, predict_proba(model, xv))
+    metrics = binary_metrics(ys, predict_proba(model, xs), threshold)
+    return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)
+
+
+def default_flow(data_dir: str) -> dict:
+    """Wall time and peak memory of `cxr train --profile default` in a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PREFECT_HOME=f"{tmp}/prefect",
+                   CXR_WORK_DIR=f"{tmp}/work")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "default", "--data-dir",
+                        data_dir], cwd=tmp, env=env, check=True, capture_output=True)
+        minutes = (time.perf_counter() - t) / 60
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return dict(minutes=minutes, peak_memory_gib=peak_gib)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="throughput only, on a subset (< 3 min)")
+    parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    if not args.data_dir:
+        sys.exit("error: pass --data-dir or set CXR_DATA_DIR")
+    per_class = 256 if args.quick else None
+    ref_splits = load_splits(args.data_dir, IMAGE_SIZE, per_class)
+    own_splits = load_splits(args.data_dir, PROJECT.image_size, per_class)
+    x_ref, y_ref = ref_splits["train"]
+    x_own, y_own = own_splits["train"]
+    if args.quick:
+        x_ref, y_ref, x_own, y_own = x_ref[:384], y_ref[:384], x_own[:384], y_own[:384]
+    peak = matmul_peak()
+    ref_ips = throughput(build_reference(), x_ref, y_ref, reference_augmentation())
+    own_model = build_convnet(PROJECT)
+    own_aug = build_augmentation(**load_config("default").augmentation_params())
+    own_ips = throughput(own_model, x_own, y_own, own_aug)
+    result = dict(
+        machine=dict(cpus=os.cpu_count(), tf_intra_op=tf.config.threading.get_intra_op_parallelism_threads()),
+        matmul_peak_gflops=peak,
+        reference=dict(images_per_second=ref_ips, gflop_per_image_step=3 * reference_flops() / 1e9,
+                       gflops=3 * reference_flops() * ref_ips / 1e9),
+        project=dict(config=PROJECT.to_dict(), images_per_second=own_ips,
+                     gflop_per_image_step=3 * count_flops(PROJECT) / 1e9,
+                     gflops=3 * count_flops(PROJECT) * own_ips / 1e9),
+        input_pipeline_ratio=input_ratio(build_convnet(PROJECT), x_own, y_own, own_aug),
+    )
+    result["project"]["efficiency_vs_matmul_peak"] = result["project"]["gflops"] / peak
+    rows = [("reference (150² gray, 5 blocks)", ref_ips, result["reference"]["gflop_per_image_step"],
+             result["reference"]["gflops"]),
+            ("project (128² gray, stem s2, 4 blocks)", own_ips, result["project"]["gflop_per_image_step"],
+             result["project"]["gflops"])]
+    print(f"{'model':42s} {'img/s':>8s} {'GFLOP/img-step':>15s} {'GFLOP/s':>8s}")
+    for name, ips, gfl, gfs in rows:
+        print(f"{name:42s} {ips:8.1f} {gfl:15.3f} {gfs:8.1f}")
+    print(f"matmul peak {peak:.1f} GFLOP/s; project efficiency {result['project']['efficiency_vs_matmul_peak']:.0%}; "
+          f"input-pipeline ratio {result['input_pipeline_ratio']:.2f}")
+    if not args.quick:
+        ref_epoch_s, _ = timed_fit(build_reference(), make_dataset(x_ref, y_ref, BATCH_SIZE, reference_augmentation(),
+                                                                   shuffle=True), 2)
+        result["reference"]["minutes_12_epochs"] = ref_epoch_s / 2 * EPOCHS / 60
+        seeds = [train_project(own_splits, seed) for seed in range(args.seeds)]
+        mean = {k: statistics.mean(s[k] for s in seeds) for k in seeds[0] if k != "seed"}
+        result["project"].update(seeds=seeds, mean=mean)
+        good = mean["accuracy"] >= 0.917 and mean["roc_auc"] >= 0.966
+        ref_minutes = result["reference"]["minutes_12_epochs"]
+        result["time_to_accuracy_speedup"] = ref_minutes / mean["minutes"] if good else None
+        result["default_flow"] = default_flow(args.data_dir)
+        flow = result["default_flow"]
+        print(f"reference 12 epochs: {ref_minutes:.1f} min; project mean {mean['minutes']:.1f} min, test acc "
+              f"{mean['accuracy']:.4f}, AUC {mean['roc_auc']:.4f}, sens {mean['sensitivity']:.4f}, spec "
+              f"{mean['specificity']:.4f}; speedup {result['time_to_accuracy_speedup']}")
+        print(f"default flow: {flow['minutes']:.1f} min, peak {flow['peak_memory_gib']:.2f} GiB")
+    out = HERE / "results" / f"speed-{'quick' if args.quick else 'full'}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"training throughput vs reference: {own_ips / ref_ips:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
