@@ -36,13 +36,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment-name")
     p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    p.add_argument("--result-json", type=Path, help="also write the run summary (run id, test metrics, version) here")
     p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     from cxr_model.config import load_config
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "profile")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "profile", "result_json")}
     cfg = load_config(args.profile, **overrides)
     cfg.resolved_data_dir()  # fail before any server starts if the data is missing
 
@@ -52,7 +53,10 @@ def _train(args: argparse.Namespace) -> int:
     from flows.train_flow import train_flow
 
     result = train_flow(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.result_json:
+        args.result_json.write_text(text)
     return 0
 
 

@@ -81,6 +81,7 @@ class FlowRun:
     tracking_uri: str
     env: dict
     stdout: str
+    result: dict  # what `cxr train --result-json` wrote: run id, test metrics, registered version
 
 
 def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None) -> FlowRun:
@@ -90,20 +91,22 @@ def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = Non
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PREFECT_HOME=str(cwd / "prefect-home"),
                CXR_WORK_DIR=str(cwd / "work"), PYTHONUNBUFFERED="1")
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir), *extra]
+    result_path = cwd / f"result-{len(list(cwd.glob('result-*.json')))}.json"
+    cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir),
+           "--result-json", str(result_path), *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"cxr train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return FlowRun(cwd=cwd, tracking_uri=tracking_uri, env=env, stdout=proc.stdout)
-
-
-def flow_result(run: FlowRun) -> dict:
-    """The JSON summary `cxr train` prints last."""
-    text = run.stdout
-    return json.loads(text[text.rindex("\n{") + 1 :] if "\n{" in text else text[text.index("{") :])
+    return FlowRun(cwd=cwd, tracking_uri=tracking_uri, env=env, stdout=proc.stdout,
+                   result=json.loads(result_path.read_text()))
 
 
 @pytest.fixture(scope="session")
 def smoke_flow(tmp_path_factory: pytest.TempPathFactory, real_subset: Path) -> FlowRun:
     """The whole flow, smoke profile, on the real subset; shared by the integration and serving tests."""
     return run_cxr_train(tmp_path_factory.mktemp("flow"), real_subset)
+
+
+def flow_result(run: FlowRun) -> dict:
+    """The summary `cxr train` wrote with --result-json."""
+    return run.result

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, FlowRun, flow_result, run_cxr_train
+from tests.conftest import REPO, FlowRun, run_cxr_train
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def test_trials_are_nested_runs(smoke_flow: FlowRun) -> None:
 
 def test_first_version_is_champion_and_prefect_has_artifacts(smoke_flow: FlowRun) -> None:
     client = MlflowClient(smoke_flow.tracking_uri)
-    result = flow_result(smoke_flow)
+    result = smoke_flow.result
     champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
     assert str(champion.version) == result["registered"]["version"] == "1"
     assert champion.run_id == result["run_id"]
@@ -100,7 +100,7 @@ def test_second_run_resumes_search_and_only_a_better_model_takes_champion(smoke_
     client = MlflowClient(smoke_flow.tracking_uri)
     first_score = float(client.get_model_version_by_alias("cxr-pneumonia", "champion").tags["val_score"])
     second = run_cxr_train(smoke_flow.cwd, real_subset, "--resume", "--epochs", "1", env=smoke_flow.env)
-    result = flow_result(second)
+    result = second.result
     assert result["registered"]["version"] == "2"
     # --resume continued the finished search: no new trial runs, two completed trials on record
     assert len(_runs(client, "trial")) == 2

@@ -1,0 +1,65 @@
+"""Quality benchmark: run the flow N times (seeds 0..N-1) and summarise every test metric.
+
+    python benchmarks/quality.py --profile default --seeds 3
+
+Runs log to the configured MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db) under the
+experiment `cxr-quality-<profile>` and register `cxr-pneumonia-bench`, so the real registry is untouched.
+Writes benchmarks/results/quality-<profile>.json. Each run reads the test split once, after its own
+validation-made choices; comparing profiles here is reporting, not tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
+
+
+def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", profile, "--seed", str(seed),
+               "--experiment-name", f"cxr-quality-{profile}", "--model-name", "cxr-pneumonia-bench",
+               "--result-json", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=HERE.parent)
+        result = json.loads(out.read_text())
+    return dict(seed=seed, minutes=(time.perf_counter() - started) / 60, run_id=result["run_id"],
+                threshold=result["threshold"], **{m: result["test"][m] for m in METRICS})
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = (*METRICS, "minutes")
+    return {k: dict(mean=statistics.mean(r[k] for r in runs),
+                    sd=statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
+    parser.add_argument("extra", nargs="*", help="more `cxr train` options after --")
+    args = parser.parse_args()
+    runs = [run_once(args.profile, seed, args.data_dir, args.extra) for seed in range(args.seeds)]
+    summary = summarise(runs)
+    print(f"{'metric':12s} {'mean':>7s} {'sd':>7s}  " + " ".join(f"seed{r['seed']:<3d}" for r in runs))
+    for k, v in summary.items():
+        print(f"{k:12s} {v['mean']:7.4f} {v['sd']:7.4f}  " + " ".join(f"{r[k]:7.4f}" for r in runs))
+    out = HERE / "results" / f"quality-{args.profile}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(dict(profile=args.profile, runs=runs, summary=summary), indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
