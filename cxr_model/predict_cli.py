@@ -1,11 +1,203 @@
-"""`cxr predict`: placeholder wiring; the full client is built in issue 3."""
+"""`cxr predict PATH...`: pneumonia probabilities for X-ray files, in-process from a model URI or from a server.
+
+Both ways send the served model's input (base64 image files) and read its output, so a file gets the same
+answer from either. A file the model rejects is reported in the `error` column and the rest of its batch
+is sent again without it. MLflow, pandas and TensorFlow are imported inside the command so `cxr --help`
+stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+DEFAULT_MODEL_URI = "models:/cxr-pneumonia@champion"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+COLUMNS = ["path", "probability", "label", "threshold", "error"]
+
+# base64 image files in, one {"probability", "label", "threshold"} dict per file out
+Predictor = Callable[[list[str]], list[dict]]
+
+
+class BadRows(Exception):
+    """The model rejected some rows of a batch; `errors` holds {"row", "error"} for each."""
+
+    def __init__(self, message: str, errors: list[dict]):
+        super().__init__(message)
+        self.errors = errors
+
+
+class PredictError(Exception):
+    """The model or server could not be used at all (unreachable, not found, a request it rejects whole)."""
+
+
+def find_images(paths: Iterable[Path]) -> list[Path]:
+    """Files as given, plus image files (by suffix) found under folders, in sorted order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return found
+
+
+def invocations_url(url: str) -> str:
+    """The scoring endpoint for a server address given with or without `/invocations`."""
+    url = url.rstrip("/")
+    return url if url.endswith("/invocations") else f"{url}/invocations"
+
+
+def http_predictor(url: str, timeout: float = 120.0) -> Predictor:
+    """Predict through a running `mlflow models serve`, one POST per batch."""
+    endpoint = invocations_url(url)
+
+    def predict(images: list[str]) -> list[dict]:
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}})
+        request = urllib.request.Request(endpoint, data=body.encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())["predictions"]
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                answer = json.loads(text)
+            except json.JSONDecodeError:
+                answer = {"message": text[:500]}
+            if answer.get("errors"):
+                raise BadRows(answer.get("message", ""), answer["errors"]) from None
+            raise PredictError(f"{endpoint} answered HTTP {exc.code}: {answer.get('message', text[:500])}") from None
+        except urllib.error.URLError as exc:
+            raise PredictError(f"cannot reach {endpoint}: {exc.reason}") from None
+
+    return predict
+
+
+def local_predictor(model_uri: str) -> Predictor:
+    """Predict in this process with the pyfunc model at `model_uri` (MLFLOW_TRACKING_URI picks the registry)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from cxr_model.serving import INPUT_COLUMN, RequestError
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise PredictError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
+
+    def predict(images: list[str]) -> list[dict]:
+        try:
+            return model.predict(pd.DataFrame({INPUT_COLUMN: images})).to_dict("records")
+        except RequestError as exc:
+            if not exc.errors:
+                raise PredictError(exc.message) from None
+            raise BadRows(exc.message, exc.errors) from None
+
+    return predict
+
+
+def score_files(files: list[Path], predict: Predictor, batch_size: int = 16) -> list[dict]:
+    """One row per file (COLUMNS); a file that cannot be read or decoded gets an error instead of a score."""
+    rows: dict[int, dict] = {}
+    for start in range(0, len(files), batch_size):
+        pending: list[tuple[int, str]] = []  # (index into files, base64 file)
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                pending.append((i, base64.b64encode(files[i].read_bytes()).decode("ascii")))
+            except OSError as exc:
+                rows[i] = {"error": f"cannot read file ({exc.strerror or exc})"}
+        while pending:
+            try:
+                answers = predict([image for _, image in pending])
+            except BadRows as exc:
+                # The model scores a batch whole or not at all: note the bad files, send the rest again.
+                bad = {e["row"]: e["error"] for e in exc.errors if 0 <= e.get("row", -1) < len(pending)}
+                if not bad:  # nothing to drop: resending would loop
+                    raise PredictError(str(exc)) from None
+                for row, (i, _) in enumerate(pending):
+                    if row in bad:
+                        rows[i] = {"error": bad[row]}
+                pending = [item for row, item in enumerate(pending) if row not in bad]
+                continue
+            for (i, _), answer in zip(pending, answers, strict=True):
+                rows[i] = answer
+            pending = []
+    return [{**dict.fromkeys(COLUMNS), **rows[i], "path": str(path)} for i, path in enumerate(files)]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: paths and labels left-aligned, numbers right-aligned, errors last."""
+    columns = COLUMNS if any(row["error"] for row in rows) else COLUMNS[:-1]
+
+    def cell(row: dict, column: str) -> str:
+        value = row[column]
+        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row, c) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(line[k]) for line in cells]) for k, c in enumerate(columns)]
+    numeric = {"probability", "threshold"}
+
+    def line(values: list[str]) -> str:
+        padded = (v.rjust(w) if c in numeric else v.ljust(w) for c, v, w in zip(columns, values, widths, strict=True))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(list(columns)), *(line(values) for values in cells)])
+
+
+def write_csv(rows: list[dict], target: str) -> None:
+    """Predictions as CSV to a file, or to stdout for '-'."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if target == "-":
+        table.to_csv(sys.stdout, index=False)
+    else:
+        table.to_csv(target, index=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score the files; 0 if every file got a prediction, 1 if some failed, 2 if nothing could be scored."""
+    try:
+        files = find_images(args.paths)
+        if not files:
+            raise PredictError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.paths}")
+        predict = http_predictor(args.url, args.timeout) if args.url else local_predictor(args.model_uri)
+        rows = score_files(files, predict, args.batch_size)
+    except (PredictError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.csv != "-":
+        print(format_table(rows))
+    failed = sum(row["error"] is not None for row in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} files could not be scored (see the error column)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="predict pneumonia probability for X-ray files or folders")
-    p.add_argument("paths", nargs="+")
-    p.set_defaults(func=lambda args: 1)
+    p = sub.add_parser(
+        "predict", help="predict pneumonia probability for X-ray files or folders",
+        description="Pneumonia probability, label and threshold for each X-ray image (JPEG, PNG, ...), "
+                    "from a registered model in this process or from a running `mlflow models serve`.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="image files, or folders searched recursively")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
+                        help="MLflow model to load in-process (default: %(default)s; MLFLOW_TRACKING_URI picks "
+                             "the registry)")
+    source.add_argument("--url", help="server to send the images to instead, e.g. http://127.0.0.1:5000")
+    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV ('-': CSV to stdout only)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default: %(default)s)")
+    p.set_defaults(func=run)

@@ -36,6 +36,10 @@ def _full_scale(mode: str, arr: np.ndarray) -> float:
 
 def _to_grayscale(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit 'L' without losing the 16-bit range or compositing artefacts."""
+    if img.mode.startswith("I;16"):
+        # round(x / 257) in integers: the same values as the float path below, without a float64 copy of the scan
+        arr = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8))
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(arr / _full_scale(img.mode, arr) * 255.0), 0, 255).astype(np.uint8))
@@ -65,8 +69,11 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         img.load()  # full decode: catches truncated files that open() alone accepts
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"not a decodable image ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice its warning size
+        raise ImageDecodeError(f"image is over the pixel limit ({exc})") from exc
+    except UnidentifiedImageError:
+        # Pillow's message names only the BytesIO object; the first bytes say more about what was sent.
+        raise ImageDecodeError(f"not a decodable image (unknown format; starts with {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from exc
     return img
@@ -76,7 +83,10 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
     """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
     img = open_image(data, max_pixels=max_pixels)
     img = ImageOps.exif_transpose(img) or img
-    gray = _to_grayscale(img)
+    try:
+        gray = _to_grayscale(img)
+    except ValueError as exc:  # a mode Pillow cannot convert, such as LAB
+        raise ImageDecodeError(f"unsupported image mode {img.mode} ({exc})") from exc
     if gray.size != (size, size):
         # Squash to a square as the resized dataset does; BILINEAR with PIL's support scaling antialiases.
         gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)

@@ -1,6 +1,12 @@
 """The served model: an MLflow pyfunc around the Keras model, base64 image files in, probabilities out.
 
-Imports MLflow, so only the registry task and the serving process import this module.
+A request is one string column `image`, one base64-encoded image file per row (JPEG, PNG or anything
+Pillow reads, any size and mode); each row is decoded by `decode_image`, the decoder training uses. A batch
+is scored whole or not at all: if any row is bad, the request fails with HTTP 400, the message names every
+bad row and its problem, and the good rows are not scored (send them again without the bad ones; the
+error body's `errors` list gives the bad row numbers, 0-based). `cxr predict` does exactly that.
+
+Imports MLflow, so only the registry task, the serving process and in-process `cxr predict` import it.
 """
 
 from __future__ import annotations
@@ -8,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +26,55 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from cxr_model.preprocess import MAX_PIXELS, ImageDecodeError, decode_image
+from cxr_model.preprocess import MAX_PIXELS, decode_image
+from cxr_model.train import compile_forward
 
 INPUT_COLUMN = "image"
 LABELS = ("NORMAL", "PNEUMONIA")
+MAX_ERRORS_IN_MESSAGE = 5  # the message stays short; the `errors` list has every bad row
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+    # Optional only so that a missing column reaches `predict`, whose message is one line; MLflow's own
+    # schema check would answer with the whole request (megabytes of base64) pasted into the message.
+    inputs=Schema([ColSpec("string", INPUT_COLUMN, required=False)]),
     outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold")]),
 )
 
+# Packages the served model imports, pinned at the installed versions (saves MLflow's slow inference).
+SERVED_PACKAGES = ("mlflow", "cloudpickle", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow")
+
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def pip_requirements() -> list[str]:
+    """`pip_requirements` for `mlflow.pyfunc.log_model`: the served model's imports at installed versions."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVED_PACKAGES]
+
 
 class RequestError(MlflowException):
-    """A bad request row; the scoring server answers it with HTTP 400 and this message."""
+    """A bad request: HTTP 400 with a short message naming each bad row, and the rows as JSON `errors`."""
 
-    def __init__(self, message: str):
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+    def __init__(self, message: str, errors: list[dict] | None = None):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE, **({"errors": errors} if errors else {}))
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # The scoring server rewrites the message to "Failed to predict data '<the request>'. Error: ...", which
+        # buries the reason under the request's base64 text; clients get the message this error was raised with.
+        if not hasattr(self, "_message"):
+            self._message = value
+
+    @property
+    def errors(self) -> list[dict]:
+        """[{"row": 0-based row, "error": reason}] for each bad row; empty when the whole request is bad."""
+        return self.json_kwargs.get("errors", [])
 
 
 def encode_file(path: str | Path) -> str:
@@ -41,21 +82,37 @@ def encode_file(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def decode_request_rows(values: list, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """(N, S, S, 1) uint8 from base64 strings; the first bad row raises RequestError naming it."""
-    batch = []
+def decode_base64(value: object) -> bytes:
+    """Bytes from one request cell; ValueError with a readable reason for anything but base64 text."""
+    if not isinstance(value, str):
+        missing = pd.api.types.is_scalar(value) and pd.isna(value)  # None, NaN or pd.NA
+        raise ValueError(f"expected a base64 string, got {'a missing value' if missing else type(value).__name__}")
+    # Accept what tools emit: `base64` wraps lines at 76 characters, browsers send data: URLs.
+    text = _WHITESPACE.sub("", _DATA_URL.sub("", value, count=1))
+    if not text:
+        raise ValueError("empty string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64 ({exc})") from None
+
+
+def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """(N, S, S, 1) uint8 from base64 image files; RequestError naming every bad row if any is bad."""
+    batch, errors = [], []
     for row, value in enumerate(values):
-        if not isinstance(value, str) or not value.strip():
-            raise RequestError(f"row {row}: empty or non-string value in column '{INPUT_COLUMN}'")
         try:
-            data = base64.b64decode(value.strip(), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestError(f"row {row}: invalid base64 ({exc})") from None
-        try:
-            batch.append(decode_image(data, image_size, max_pixels=max_pixels))
-        except ImageDecodeError as exc:
-            raise RequestError(f"row {row}: {exc}") from None
-    return np.stack(batch) if batch else np.zeros((0, image_size, image_size, 1), np.uint8)
+            batch.append(decode_image(decode_base64(value), image_size, max_pixels=max_pixels))
+        except ValueError as exc:  # ImageDecodeError is one
+            errors.append({"row": row, "error": str(exc)})
+    if errors:
+        listed = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:MAX_ERRORS_IN_MESSAGE])
+        more = f"; and {len(errors) - MAX_ERRORS_IN_MESSAGE} more" if len(errors) > MAX_ERRORS_IN_MESSAGE else ""
+        raise RequestError(
+            f"{len(errors)} of {len(values)} rows could not be read as images, so no row was scored: {listed}{more}",
+            errors=errors,
+        )
+    return np.stack(batch) if batch else np.zeros((0, image_size, image_size, 1), np.uint8)  # (N, S, S, 1)
 
 
 class CxrPneumoniaModel(PythonModel):
@@ -66,19 +123,24 @@ class CxrPneumoniaModel(PythonModel):
 
         import cxr_model.model  # noqa: F401  (registers the custom layer before loading)
 
-        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.threshold = float(meta["threshold"])
+        self.image_size = int(meta["image_size"])
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        self.threshold = float(self.meta["threshold"])
-        self.image_size = int(self.meta["image_size"])
+        self.forward = compile_forward(self.model)
+        self.forward(np.zeros((1, self.image_size, self.image_size, 1), np.uint8))  # trace now, not on request 1
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Probability, label and threshold per row of base64 image files in column `image`."""
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
-            found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input)
-            raise RequestError(f"expected one column named '{INPUT_COLUMN}' of base64 image files; got {found}")
+            # MLflow drops columns the signature lacks before `predict`, so over HTTP there is nothing to list
+            found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else []
+            raise RequestError(
+                f"the request has no column '{INPUT_COLUMN}'{f' (got {found})' if found else ''}: send one string "
+                f"column named '{INPUT_COLUMN}' holding a base64-encoded image file per row (other columns are ignored)"
+            )
         images = decode_request_rows(model_input[INPUT_COLUMN].tolist(), self.image_size)
-        from cxr_model.train import predict_proba
-
-        prob = predict_proba(self.model, images).astype("float64")
+        prob = self.forward(images).astype("float64")
         return pd.DataFrame({
             "probability": prob,
             "label": np.where(prob >= self.threshold, LABELS[1], LABELS[0]),

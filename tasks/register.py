@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 import cxr_model
 from cxr_model.config import TrainConfig
-from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, encode_file
+from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, encode_file, pip_requirements
 from tasks.data import DataHandle, read_manifest
 from tasks.evaluate import Evaluation
 from tasks.tracking import in_run
@@ -77,6 +77,7 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
             name="model", python_model=CxrPneumoniaModel(),
             artifacts={"keras_model": trained.model_path, "meta": str(out / "meta.json")},
             code_paths=[str(Path(cxr_model.__file__).parent)], signature=SIGNATURE, input_example=example,
+            pip_requirements=pip_requirements(),
             registered_model_name=cfg.model_name,
         )
         version = str(info.registered_model_version)

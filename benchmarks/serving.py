@@ -1,0 +1,274 @@
+"""Serving latency and throughput: `mlflow models serve` over HTTP next to the same pyfunc in this process.
+
+    .venv/bin/python benchmarks/serving.py                      # an untrained default-size convnet
+    MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db .venv/bin/python benchmarks/serving.py \\
+        --model-uri models:/cxr-pneumonia@champion                # a trained, registered one
+
+Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, the
+default profile's input size) in a temporary MLflow store, the way the flow's register task does; weights do
+not change the timing. Images are real test-split JPEGs (224x224 in this dataset); the full-size case is one of
+them upscaled to a 2000x1600 grayscale JPEG, the size of a scanner export.
+
+Each case calls the in-process pyfunc and the server alternately, so both see the same machine load. Times are
+wall time at the caller, from base64 strings in hand to parsed predictions. HTTP goes through a keep-alive
+`http.client` connection and, for single images, also through a `requests.Session`. Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_URI = "models:/cxr-pneumonia@champion"
+
+Predict = Callable[[list[str]], object]
+
+
+def data_dir(given: Path | None) -> Path:
+    for candidate in (given, os.environ.get("CXR_DATA_DIR"), REPO.parent / "shared" / "data" / "chest_xray"):
+        if candidate and (Path(candidate) / "test").is_dir():
+            return Path(candidate)
+    sys.exit("dataset not found: pass --data-dir or set CXR_DATA_DIR")
+
+
+def load_images(root: Path, count: int) -> tuple[list[str], str]:
+    """`count` real test JPEGs as base64 (both classes), and one upscaled to a 2000x1600 grayscale JPEG."""
+    from PIL import Image
+
+    files = sorted((root / "test" / "NORMAL").glob("*.jpeg"))[: count // 2]
+    files += sorted((root / "test" / "PNEUMONIA").glob("*.jpeg"))[: count - len(files)]
+    full = Image.open(files[0]).convert("L").resize((2000, 1600), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    full.save(buf, "JPEG", quality=90)
+    encode = base64.b64encode
+    return [encode(f.read_bytes()).decode("ascii") for f in files], encode(buf.getvalue()).decode("ascii")
+
+
+def register_untrained_model(workdir: Path, image_size: int, example: str) -> str:
+    """Log and register an untrained convnet as the flow's register task does; returns the tracking URI."""
+    import mlflow
+    import pandas as pd
+
+    import cxr_model
+    from cxr_model.model import ConvNetConfig, build_convnet
+    from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, pip_requirements
+
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("serving-benchmark")
+    build_convnet(ConvNetConfig(image_size=image_size)).save(workdir / "model.keras")
+    (workdir / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": image_size}))
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CxrPneumoniaModel(),
+            artifacts={"keras_model": str(workdir / "model.keras"), "meta": str(workdir / "meta.json")},
+            code_paths=[str(Path(cxr_model.__file__).parent)], signature=SIGNATURE,
+            input_example=pd.DataFrame({INPUT_COLUMN: [example]}), pip_requirements=pip_requirements(),
+            registered_model_name="cxr-pneumonia",
+        )
+    mlflow.MlflowClient().set_registered_model_alias("cxr-pneumonia", "champion", info.registered_model_version)
+    return tracking_uri
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 5) -> dict[str, np.ndarray]:
+    """Wall seconds per call, the callables taking turns so machine noise hits them alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: np.empty(repeats) for name in calls}
+    for i in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name][i] = time.perf_counter() - start
+    return times
+
+
+def start_server(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve --env-manager local` on a free port, as the README shows; waits for /ping."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # mlflow starts `uvicorn` by name: the virtualenv's bin must be on PATH
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    stop_server(proc)
+    sys.exit(f"server did not start:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop the server and its uvicorn child (their own process group), waiting until both are gone."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or it lingers as a zombie member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def request_body(images: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[im] for im in images]}}).encode()
+
+
+def stdlib_client(url: str) -> Predict:
+    """POST /invocations over one keep-alive `http.client` connection."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def predict(images: list[str]) -> object:
+        conn.request("POST", "/invocations", body=request_body(images), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {body[:300]!r}")
+        return json.loads(body)["predictions"]
+
+    return predict
+
+
+def requests_client(url: str) -> Predict:
+    """POST /invocations through a `requests.Session`, as the README's Python example does."""
+    import requests
+
+    session = requests.Session()
+
+    def predict(images: list[str]) -> object:
+        r = session.post(f"{url}/invocations", data=request_body(images),
+                         headers={"Content-Type": "application/json"}, timeout=120)
+        r.raise_for_status()
+        return r.json()["predictions"]
+
+    return predict
+
+
+def percentiles(seconds: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(seconds, 50) * 1000), float(np.percentile(seconds, 95) * 1000)
+
+
+def latency_table(cases: dict[str, dict[str, np.ndarray]]) -> str:
+    lines = ["| request | in-process p50 / p95 (ms) | HTTP p50 / p95 (ms) | HTTP (requests) p50 / p95 (ms) "
+             "| HTTP / in-process, p50 |", "|---|---:|---:|---:|---:|"]
+    for label, t in cases.items():
+        (lp50, lp95), (hp50, hp95) = percentiles(t["in-process"]), percentiles(t["http"])
+        rq = "{:.1f} / {:.1f}".format(*percentiles(t["requests"])) if "requests" in t else "-"
+        lines.append(f"| {label} | {lp50:.1f} / {lp95:.1f} | {hp50:.1f} / {hp95:.1f} | {rq} | {hp50 / lp50:.2f}x |")
+    return "\n".join(lines)
+
+
+def throughput_table(batch_size: int, t: dict[str, np.ndarray]) -> str:
+    local, http = batch_size / np.median(t["in-process"]), batch_size / np.median(t["http"])
+    return "\n".join([
+        "| batch | in-process images/s | HTTP images/s | HTTP / in-process |", "|---|---:|---:|---:|",
+        f"| {batch_size} x 224x224 JPEG per request | {local:.0f} | {http:.0f} | {http / local:.2f}x |",
+    ])
+
+
+def breakdown_table(python_model, images: list[str], full_size: str, batch_size: int) -> str:
+    """Where the in-process time goes: decoding and the compiled forward pass, p50 ms."""
+    from cxr_model.serving import decode_request_rows
+
+    size = python_model.image_size
+    batch = decode_request_rows([images[i % len(images)] for i in range(batch_size)], size)
+    parts = {
+        "decode one 224x224 JPEG (base64 -> model input)": lambda: decode_request_rows(images[:1], size),
+        "decode one 2000x1600 grayscale JPEG": lambda: decode_request_rows([full_size], size),
+        "forward pass, 1 image": lambda: python_model.forward(batch[:1]),
+        f"forward pass, {batch_size} images": lambda: python_model.forward(batch),
+    }
+    times = interleaved(parts, repeats=50)
+    lines = ["| step (in-process) | p50 (ms) |", "|---|---:|"]
+    lines += [f"| {name} | {np.median(t) * 1000:.1f} |" for name, t in times.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", help="a registered model (default: register an untrained one in a temp store)")
+    parser.add_argument("--image-size", type=int, default=128, help="input side of the untrained model (default 128)")
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--requests", type=int, default=300, help="timed single-image calls per case and path")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=15)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    images, full_size = load_images(data_dir(args.data_dir), 32)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        if args.model_uri:
+            model_uri, tracking_uri = args.model_uri, os.environ.get("MLFLOW_TRACKING_URI", "")
+        else:
+            model_uri, tracking_uri = MODEL_URI, register_untrained_model(Path(tmp), args.image_size, images[0])
+        import mlflow
+        import pandas as pd
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
+
+        def local(ims: list[str]) -> object:
+            return model.predict(pd.DataFrame({"image": ims}))
+
+        proc, url = start_server(model_uri, tracking_uri, Path(tmp) / "serve.log")
+        try:
+            http, via_requests = stdlib_client(url), requests_client(url)
+            turn = iter(range(10**9))
+
+            def one(predict: Predict) -> Callable[[], object]:
+                return lambda: predict([images[next(turn) % len(images)]])
+
+            batch = [images[i % len(images)] for i in range(args.batch_size)]
+            cases = {
+                "1 x 224x224 JPEG": interleaved(
+                    {"in-process": one(local), "http": one(http), "requests": one(via_requests)}, args.requests),
+                "1 x 2000x1600 grayscale JPEG": interleaved(
+                    {"in-process": lambda: local([full_size]), "http": lambda: http([full_size])},
+                    max(args.requests // 3, 20)),
+            }
+            batches = interleaved({"in-process": lambda: local(batch), "http": lambda: http(batch)}, args.batches, 2)
+        finally:
+            stop_server(proc)
+
+    size = model.unwrap_python_model().image_size
+    print(f"model: {model_uri}{'' if args.model_uri else ' (untrained, default ConvNetConfig)'}, input {size}x{size}; "
+          f"{os.cpu_count()} CPU cores; {args.requests} single-image calls per path\n")
+    print(latency_table(cases), end="\n\n")
+    print(throughput_table(args.batch_size, batches), end="\n\n")
+    print(breakdown_table(model.unwrap_python_model(), images, full_size, args.batch_size))
+
+
+if __name__ == "__main__":
+    main()

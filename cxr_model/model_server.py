@@ -1,0 +1,62 @@
+"""Start and stop a real `mlflow models serve` process (tests, benchmarks, scripts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_model_server(model_uri: str, log: Path, env: dict | None = None, cwd: Path | None = None,
+                       timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve -m URI --env-manager local` on a free loopback port; returns once /ping answers."""
+    port = free_port()
+    env = dict(os.environ if env is None else env)
+    # mlflow starts `uvicorn` by name: the virtualenv's bin must be on PATH, as after `source .venv/bin/activate`
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        # its own process group, so the uvicorn child is stopped with it
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    stop_model_server(proc)
+    raise RuntimeError(f"model server did not start (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+
+
+def stop_model_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server's process group and wait until every member is gone (uvicorn outlives mlflow)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or it lingers as a zombie member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,0 +1,176 @@
+"""`decode_image` on synthetic files: every PIL mode, sizes, EXIF orientation and each kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_model.preprocess import MAX_PIXELS, ImageDecodeError, decode_image
+
+SIZE = 32
+
+
+def gradient(width: int = SIZE, height: int = SIZE) -> np.ndarray:
+    """A (H, W) uint8 image with a different value in every corner, so flips and rotations show."""
+    x = np.linspace(0, 1, width)[None, :]
+    y = np.linspace(0, 1, height)[:, None]
+    return np.rint(255 * (0.7 * x + 0.3 * y)).astype(np.uint8)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save_args)
+    return buf.getvalue()
+
+
+def png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def png_from_rows(width: int, height: int, bit_depth: int, idat: bytes) -> bytes:
+    """A grayscale PNG built by hand, so its header can claim any size."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height over a few bytes of pixel data."""
+    return png_from_rows(width, height, 8, zlib.compress(b"\x00" * 64))
+
+
+def png_bomb(side: int) -> bytes:
+    """A valid 1-bit PNG of side x side black pixels: tens of kB that decode to side**2 pixels."""
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    return png_from_rows(side, side, 1, zlib.compress(row * side, 9))
+
+
+def test_grayscale_png_at_target_size_is_returned_unchanged() -> None:
+    arr = gradient()
+    out = decode_image(encode(Image.fromarray(arr, "L")), SIZE)
+    assert out.shape == (SIZE, SIZE, 1) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, :, 0], arr)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "CMYK", "YCbCr"])
+def test_gray_content_in_any_color_mode_decodes_to_the_same_gray(mode: str) -> None:
+    arr = gradient()
+    img = Image.fromarray(arr, "L").convert(mode)
+    data = encode(img, "TIFF" if mode in ("CMYK", "YCbCr") else "PNG")
+    out = decode_image(data, SIZE)[:, :, 0].astype(int)
+    # RGB/RGBA/LA hold gray exactly; the palette has 256 entries so P is exact too; CMYK/YCbCr round by a level
+    assert np.abs(out - arr).max() <= (0 if mode in ("RGB", "RGBA", "LA", "P") else 2)
+
+
+def test_rgb_uses_luminance_weights() -> None:
+    red = Image.new("RGB", (SIZE, SIZE), (255, 0, 0))
+    assert decode_image(encode(red), SIZE)[0, 0, 0] == 76  # ITU-R 601-2: 0.299 * 255
+
+
+def test_transparent_pixels_become_black() -> None:
+    arr = np.full((SIZE, SIZE, 4), 200, np.uint8)
+    arr[:, :, 3] = 255
+    arr[:, : SIZE // 4, 3] = 0  # transparent
+    arr[:, SIZE // 4 : SIZE // 2, 3] = 128  # half transparent: half as bright over black
+    out = decode_image(encode(Image.fromarray(arr, "RGBA")), SIZE)[:, :, 0]
+    assert (out[:, : SIZE // 4] == 0).all() and (out[:, SIZE // 2 :] == 200).all()
+    assert (np.abs(out[:, SIZE // 4 : SIZE // 2].astype(int) - 100) <= 1).all()
+    la = Image.fromarray(arr[:, :, [0, 3]], "LA")
+    np.testing.assert_array_equal(decode_image(encode(la), SIZE)[:, :, 0], out)
+
+
+def test_palette_with_transparent_index_becomes_black() -> None:
+    arr = np.zeros((SIZE, SIZE), np.uint8)
+    arr[:, SIZE // 2 :] = 1
+    img = Image.fromarray(arr, "P")
+    img.putpalette([10, 10, 10, 180, 180, 180] + [0] * (3 * 254))
+    out = decode_image(encode(img, transparency=1), SIZE)[:, :, 0]
+    assert (out[:, : SIZE // 2] == 10).all() and (out[:, SIZE // 2 :] == 0).all()
+    opaque = decode_image(encode(img), SIZE)[:, :, 0]
+    assert (opaque[:, SIZE // 2 :] == 180).all()
+
+
+def test_sixteen_bit_png_keeps_its_full_range() -> None:
+    arr = gradient()
+    img16 = Image.fromarray(arr.astype(np.uint16) * 257)  # 8-bit values spread over 0..65535
+    data = encode(img16)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    np.testing.assert_array_equal(decode_image(data, SIZE)[:, :, 0], arr)
+
+
+def test_sixteen_bit_rounding_matches_the_float_formula_for_every_value() -> None:
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = decode_image(encode(Image.fromarray(values)), 256)[:, :, 0]
+    expected = np.clip(np.rint(values / 65535.0 * 255.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_one_bit_image_is_black_and_white() -> None:
+    arr = np.zeros((SIZE, SIZE), bool)
+    arr[:, SIZE // 2 :] = True
+    out = decode_image(encode(Image.fromarray(arr)), SIZE)[:, :, 0]
+    assert set(np.unique(out)) == {0, 255} and (out[:, SIZE // 2 :] == 255).all()
+
+
+def test_unconvertible_mode_is_a_decode_error() -> None:
+    with pytest.raises(ImageDecodeError, match="unsupported image mode LAB"):
+        decode_image(encode(Image.new("LAB", (8, 8)), "TIFF"), SIZE)
+
+
+@pytest.mark.parametrize(("width", "height"), [(2000, 1600), (1, 1), (5, 300), (SIZE * 3, SIZE)])
+def test_any_size_becomes_the_square_model_input(width: int, height: int) -> None:
+    arr = gradient(width, height)
+    out = decode_image(encode(Image.fromarray(arr, "L"), "JPEG", quality=95), SIZE)
+    assert out.shape == (SIZE, SIZE, 1) and out.dtype == np.uint8
+    if width > 1 and height > 1:  # the gradient survives the squash: dark top-left, bright bottom-right
+        assert int(out[0, 0, 0]) < 40 and int(out[-1, -1, 0]) > 215
+
+
+def test_large_image_is_antialiased_not_subsampled() -> None:
+    stripes = np.zeros((1600, 2000), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: subsampling would give pure black or white
+    out = decode_image(encode(Image.fromarray(stripes, "L")), SIZE)[:, :, 0]
+    assert 100 < out.mean() < 155 and out.std() < 20
+
+
+# (EXIF orientation, what the camera did to the upright pixels before storing them)
+@pytest.mark.parametrize(("orientation", "stored_as"), [(2, Image.Transpose.FLIP_LEFT_RIGHT),
+                                                       (3, Image.Transpose.ROTATE_180),
+                                                       (6, Image.Transpose.ROTATE_90),
+                                                       (8, Image.Transpose.ROTATE_270)])
+def test_exif_orientation_is_applied(orientation: int, stored_as: Image.Transpose) -> None:
+    upright = Image.fromarray(gradient(), "L")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = decode_image(encode(upright.transpose(stored_as), exif=exif), SIZE)[:, :, 0]
+    np.testing.assert_array_equal(out, np.asarray(upright))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty input"),
+        (b"this is a text file, not an X-ray\n", "not a decodable image"),
+        (encode(Image.fromarray(gradient(64, 64), "L"), "JPEG")[:300], "corrupt or truncated"),
+        (encode(Image.fromarray(gradient(64, 64), "L"))[:-40], "corrupt or truncated"),
+        (png_header_only(8500, 8500), "over the limit"),  # 72M pixels: our own limit
+        (png_bomb(20_000), "over the pixel limit"),  # 400M pixels in 48 kB: Pillow's guard
+    ],
+    ids=["empty", "text", "truncated-jpeg", "truncated-png", "over-limit", "bomb"],
+)
+def test_bad_input_raises_a_readable_decode_error(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageDecodeError, match=reason) as info:
+        decode_image(data, SIZE)
+    assert isinstance(info.value, ValueError) and len(str(info.value)) < 300
+
+
+def test_pixel_limit_is_a_parameter() -> None:
+    data = encode(Image.fromarray(gradient(40, 40), "L"))
+    assert decode_image(data, SIZE, max_pixels=1600).shape == (SIZE, SIZE, 1)
+    with pytest.raises(ImageDecodeError, match="40x40 = 1,600 pixels, over the limit of 1,599"):
+        decode_image(data, SIZE, max_pixels=1599)
+    assert MAX_PIXELS < 8500 * 8500  # the header-only case above really is over the default limit

@@ -1,0 +1,479 @@
+"""The served model: decoding requests, error answers, and a real `mlflow models serve` on the smoke flow's model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from cxr_model.predict_cli import BadRows, find_images, format_table, invocations_url, score_files
+from cxr_model.serving import (
+    INPUT_COLUMN,
+    SIGNATURE,
+    CxrPneumoniaModel,
+    RequestError,
+    decode_base64,
+    decode_request_rows,
+    pip_requirements,
+)
+from tests.conftest import FlowRun, flow_result
+from tests.test_preprocess import png_bomb, png_header_only
+
+MODEL_URI = "models:/cxr-pneumonia@champion"
+MAX_MESSAGE = 600  # an error message is a sentence or two, never the request echoed back
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png(img: Image.Image, **save_args) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save_args)
+    return buf.getvalue()
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def as_16bit_png(jpeg_bytes: bytes) -> bytes:
+    """The same picture as a 16-bit grayscale PNG: each 8-bit gray level v stored as v * 257."""
+    gray = np.asarray(Image.open(io.BytesIO(jpeg_bytes)).convert("L"), dtype=np.uint16)
+    return png(Image.fromarray(gray * 257))
+
+
+def as_large_rgba_png(jpeg_bytes: bytes, size: tuple[int, int] = (2400, 2000)) -> bytes:
+    """The picture upscaled to a scanner-export size, RGBA, with a transparent 40-pixel frame."""
+    rgba = Image.open(io.BytesIO(jpeg_bytes)).convert("RGBA").resize(size, Image.Resampling.BICUBIC)
+    alpha = np.zeros(size[::-1], np.uint8)
+    alpha[40:-40, 40:-40] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    return png(rgba, compress_level=1)
+
+
+def split_body(images: list[str], column: str = INPUT_COLUMN) -> dict:
+    return {"dataframe_split": {"columns": [column], "data": [[image] for image in images]}}
+
+
+# (name, request body builder from one good base64 image, status, patterns the message must contain)
+GOOD_IMAGE = b64(jpeg(Image.new("L", (64, 64), 90)))
+BAD_REQUESTS: list[tuple[str, Callable[[str], object], list[str]]] = [
+    ("invalid-base64", lambda good: split_body(["@@@ this is not base64 @@@"]), ["row 0", "invalid base64"]),
+    ("not-an-image", lambda good: split_body([b64(b"%PDF-1.4 a report, not an image")]),
+     ["row 0", "not a decodable image"]),
+    ("empty-string", lambda good: split_body([""]), ["row 0", "empty string"]),
+    ("null", lambda good: {"dataframe_split": {"columns": [INPUT_COLUMN], "data": [[None]]}},
+     ["row 0", "missing value"]),
+    ("number", lambda good: {"dataframe_split": {"columns": [INPUT_COLUMN], "data": [[42]]}},
+     ["row 0", "expected a base64 string, got int"]),
+    ("over-pixel-limit", lambda good: split_body([b64(png_header_only(9000, 9000))]),
+     ["row 0", "9000x9000", "over the limit"]),
+    ("truncated", lambda good: split_body([good[: len(good) // 2 // 4 * 4]]), ["row 0", "truncated"]),
+    ("missing-column", lambda good: split_body([good], column="img"), ["no column 'image'"]),
+    ("misnamed-inputs-key", lambda good: {"inputs": {"images": [good]}}, ["no column 'image'"]),
+    ("one-bad-row-in-batch", lambda good: split_body([good, b64(b"GIF89a but not really"), good, ""]),
+     ["2 of 4 rows", "row 1: not a decodable image", "row 3: empty string"]),
+]
+
+
+def check_bad_request(post: Callable[[object], tuple[int, str]], body: object, patterns: list[str]) -> dict:
+    """Send `body`; the answer must be a short 400 naming the rows and problems in `patterns`."""
+    status, text = post(body)
+    assert status == 400, text[:1000]
+    answer = json.loads(text)
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    message = answer["message"]
+    assert len(message) < MAX_MESSAGE, message[:1000]
+    for pattern in patterns:
+        assert pattern in message
+    return answer
+
+
+# ---------------------------------------------------------------- unit: request decoding and errors
+
+
+def test_decode_base64_accepts_what_tools_emit() -> None:
+    data = bytes(range(256)) * 4
+    text = b64(data)
+    assert decode_base64(text) == data
+    assert decode_base64("\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n") == data  # `base64`
+    assert decode_base64(f"data:image/png;base64,{text}") == data  # a browser data: URL
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("", "empty string"), ("  \n", "empty string"), ("abc$", "invalid base64"), ("abcde", "invalid base64"),
+     (None, "missing value"), (float("nan"), "missing value"), (pd.NA, "missing value"), (7, "got int"),
+     (b"bytes", "got bytes"), (["x"], "got list")],
+)
+def test_decode_base64_rejects_with_a_reason(value: object, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        decode_base64(value)
+
+
+def test_bad_rows_are_all_named_and_good_rows_are_not_scored() -> None:
+    good = GOOD_IMAGE
+    with pytest.raises(RequestError) as info:
+        decode_request_rows([good, "!!", good, b64(b"text"), None], image_size=16)
+    err = info.value
+    assert [e["row"] for e in err.errors] == [1, 3, 4]
+    assert err.message.startswith("3 of 5 rows could not be read as images, so no row was scored: row 1: invalid")
+    assert "row 3: not a decodable image" in err.message and "row 4: expected a base64 string" in err.message
+    assert err.get_http_status_code() == 400
+    body = json.loads(err.serialize_as_json())
+    assert body["errors"] == err.errors and body["message"] == err.message
+
+
+def test_long_error_lists_are_cut_in_the_message_but_complete_in_errors() -> None:
+    with pytest.raises(RequestError) as info:
+        decode_request_rows([""] * 40, image_size=16)
+    assert len(info.value.errors) == 40
+    assert "; and 35 more" in info.value.message and len(info.value.message) < MAX_MESSAGE
+
+
+def test_request_error_message_survives_the_scoring_servers_rewrite() -> None:
+    err = RequestError("row 0: empty string")
+    # what mlflow.pyfunc.scoring_server.invocations does before answering
+    err.message = f"Failed to predict data '{'A' * 100_000}'. \nError: {err.message}"
+    assert err.message == "row 0: empty string"
+    assert json.loads(err.serialize_as_json())["message"] == "row 0: empty string"
+
+
+def test_decode_request_rows_returns_a_model_batch() -> None:
+    batch = decode_request_rows([GOOD_IMAGE, b64(png(Image.new("RGBA", (300, 200), (200, 10, 10, 255))))], 16)
+    assert batch.shape == (2, 16, 16, 1) and batch.dtype == np.uint8
+    assert batch[0, 0, 0, 0] == 90 and batch[1, 0, 0, 0] == 67  # 0.299*200 + 0.587*10 + 0.114*10 = 66.8
+    assert decode_request_rows([], 16).shape == (0, 16, 16, 1)
+
+
+def test_pip_requirements_pin_what_the_model_imports() -> None:
+    reqs = pip_requirements()
+    assert all("==" in r for r in reqs)
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas"}
+
+
+def test_signature_has_one_string_column_and_three_outputs() -> None:
+    assert SIGNATURE.inputs.input_names() == [INPUT_COLUMN]
+    assert SIGNATURE.outputs.input_names() == ["probability", "label", "threshold"]
+
+
+# ---------------------------------------------------------------- unit: the pyfunc on a tiny untrained convnet
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 32-pixel convnet saved as an MLflow pyfunc directory (no registry, no training)."""
+    import mlflow
+
+    from cxr_model.model import ConvNetConfig, build_convnet
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)).save(root / "model.keras")
+    (root / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": 32}))
+    mlflow.pyfunc.save_model(
+        str(root / "pyfunc"), python_model=CxrPneumoniaModel(), signature=SIGNATURE,
+        pip_requirements=pip_requirements(),
+        artifacts={"keras_model": str(root / "model.keras"), "meta": str(root / "meta.json")},
+    )
+    return root
+
+
+def test_pyfunc_output_equals_in_process_predict_proba(tiny_model_dir: Path) -> None:
+    import keras
+
+    from cxr_model.preprocess import decode_image
+    from cxr_model.train import predict_proba
+
+    model = CxrPneumoniaModel()
+    model.load_context(SimpleNamespace(artifacts={"keras_model": str(tiny_model_dir / "model.keras"),
+                                                  "meta": str(tiny_model_dir / "meta.json")}))
+    rng = np.random.default_rng(0)
+    files = [png(Image.fromarray(rng.integers(0, 255, (40 + i, 50), np.uint8), "L")) for i in range(5)]
+    out = model.predict(None, pd.DataFrame({INPUT_COLUMN: [b64(f) for f in files]}))
+    assert list(out.columns) == ["probability", "label", "threshold"]
+    expected = predict_proba(keras.models.load_model(tiny_model_dir / "model.keras"),
+                             np.stack([decode_image(f, 32) for f in files]))
+    # graph-compiled serving vs the eager training-side call: the same numbers up to float32 rounding
+    np.testing.assert_allclose(out["probability"], expected, rtol=0, atol=1e-6)
+    assert out["probability"].std() > 0  # different images, different answers
+    assert (out["label"] == np.where(out["probability"] >= 0.5, "PNEUMONIA", "NORMAL")).all()
+    assert (out["threshold"] == 0.5).all()
+    with pytest.raises(RequestError, match=r"no column 'image' \(got \['img'\]\)"):
+        model.predict(None, pd.DataFrame({"img": [b64(files[0])]}))
+
+
+@pytest.fixture(scope="module")
+def scoring_app(tiny_model_dir: Path):
+    """MLflow's own scoring app in this process (no port), on the tiny pyfunc."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc.scoring_server import init
+
+    return TestClient(init(mlflow.pyfunc.load_model(str(tiny_model_dir / "pyfunc"))))
+
+
+@pytest.mark.parametrize(("name", "body", "patterns"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_scoring_app_answers_bad_requests_with_400(scoring_app, name: str, body, patterns: list[str]) -> None:
+    def post(payload: object) -> tuple[int, str]:
+        r = scoring_app.post("/invocations", json=payload)
+        return r.status_code, r.text
+
+    check_bad_request(post, body(GOOD_IMAGE), patterns)
+    status, text = post(split_body([GOOD_IMAGE]))
+    assert status == 200 and len(json.loads(text)["predictions"]) == 1
+
+
+# ---------------------------------------------------------------- unit: the client
+
+
+def test_find_images_walks_folders_by_suffix(tmp_path: Path) -> None:
+    for name in ("b/x.PNG", "a.jpeg", "b/c/y.jpg", "notes.txt", "b/z.dcm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images([tmp_path])] == ["a.jpeg", "b/c/y.jpg", "b/x.PNG"]
+    assert find_images([tmp_path / "notes.txt"]) == [tmp_path / "notes.txt"]  # a named file is taken as is
+    with pytest.raises(FileNotFoundError):
+        find_images([tmp_path / "missing"])
+
+
+def test_invocations_url() -> None:
+    assert invocations_url("http://h:5000") == "http://h:5000/invocations"
+    assert invocations_url("http://h:5000/invocations/") == "http://h:5000/invocations"
+
+
+def test_score_files_reports_bad_files_and_rescores_the_rest(tmp_path: Path) -> None:
+    files = []
+    for name, content in [("a.png", b"good-a"), ("b.png", b"bad"), ("c.png", b"good-c"), ("d.png", b"good-d")]:
+        (tmp_path / name).write_bytes(content)
+        files.append(tmp_path / name)
+    files.append(tmp_path / "gone.png")  # unreadable
+    calls = []
+
+    def fake_predict(images: list[str]) -> list[dict]:
+        calls.append(len(images))
+        bad = [{"row": i, "error": "not a decodable image"} for i, im in enumerate(images) if im == b64(b"bad")]
+        if bad:
+            raise BadRows("bad rows", bad)
+        return [{"probability": len(base64.b64decode(im)) / 10, "label": "NORMAL", "threshold": 0.5} for im in images]
+
+    rows = score_files(files, fake_predict, batch_size=3)
+    assert calls == [3, 2, 1]  # batch 1 rejected whole, resent without b.png; batch 2 holds d.png only
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png", "gone.png"]
+    assert by_name["a.png"]["probability"] == 0.6 and by_name["a.png"]["error"] is None
+    assert by_name["b.png"]["error"] == "not a decodable image" and by_name["b.png"]["probability"] is None
+    assert by_name["gone.png"]["error"].startswith("cannot read file")
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["path", "probability", "label", "threshold", "error"]
+    assert "0.6000" in table[1] and table[2].endswith("not a decodable image")
+
+
+# ---------------------------------------------------------------- integration: a real server on the smoke model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the group `proc` leads and wait until every member is gone (uvicorn outlives `mlflow` briefly)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or it lingers as a zombie member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smoke_flow: FlowRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve -m models:/cxr-pneumonia@champion --env-manager local` on a free port; killed after."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    env = dict(smoke_flow.env)
+    # mlflow starts `uvicorn` by name: the virtualenv's bin must be on PATH, as after `source .venv/bin/activate`
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        # its own process group, so the uvicorn child is stopped with it
+        proc = subprocess.Popen(cmd, cwd=smoke_flow.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not up after 240 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        stop_process_group(proc)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/ping", timeout=2)  # really gone
+
+
+def post_json(url: str, body: object) -> tuple[int, str]:
+    r = requests.post(f"{url}/invocations", json=body, timeout=120)
+    return r.status_code, r.text
+
+
+def served(url: str, images: list[str], inputs_format: bool = False) -> pd.DataFrame:
+    body = {"inputs": {INPUT_COLUMN: images}} if inputs_format else split_body(images)
+    status, text = post_json(url, body)
+    assert status == 200, text[:1000]
+    return pd.DataFrame(json.loads(text)["predictions"])
+
+
+@pytest.fixture(scope="module")
+def local_model(smoke_flow: FlowRun):
+    """The same registered model loaded in this process, as `cxr predict` does without --url."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", smoke_flow.tracking_uri)
+        yield mlflow.pyfunc.load_model(MODEL_URI)
+
+
+@pytest.fixture(scope="module")
+def xray_files(real_subset: Path) -> list[Path]:
+    """Three real test images per class."""
+    return [p for cls in ("NORMAL", "PNEUMONIA") for p in sorted((real_subset / "test" / cls).glob("*.jpeg"))[:3]]
+
+
+@pytest.mark.integration
+def test_served_answers_equal_in_process_predictions(server: str, local_model, smoke_flow: FlowRun,
+                                                     xray_files: list[Path]) -> None:
+    from cxr_model.preprocess import decode_image
+    from cxr_model.train import predict_proba
+
+    jpegs = [p.read_bytes() for p in xray_files]
+    variants = {
+        "jpeg": jpegs,
+        "png16": [as_16bit_png(j) for j in jpegs],
+        "rgba_large": [as_large_rgba_png(j) for j in jpegs[:2]],
+        "gray_fullsize_jpeg": [jpeg(Image.open(io.BytesIO(j)).convert("L").resize((2000, 1600))) for j in jpegs[:2]],
+    }
+    assert Image.open(io.BytesIO(variants["png16"][0])).mode.startswith("I;16")
+    assert Image.open(io.BytesIO(variants["rgba_large"][0])).mode == "RGBA"
+    threshold = flow_result(smoke_flow)["threshold"]
+    python_model = local_model.unwrap_python_model()
+    results = {}
+    for name, files in variants.items():
+        images = [b64(f) for f in files]
+        out = served(server, images)
+        results[name] = out
+        # the server and the pyfunc in this process: the same code, the same numbers (to float32 rounding, as
+        # thread settings made by other tests in this process may change the order of a sum)
+        in_process = local_model.predict(pd.DataFrame({INPUT_COLUMN: images}))
+        pd.testing.assert_frame_equal(out, in_process, check_exact=False, rtol=0, atol=1e-6)
+        # ... and the training-side path: decode_image + predict_proba on the Keras model
+        expected = predict_proba(python_model.model, np.stack([decode_image(f, python_model.image_size)
+                                                                for f in files]))
+        np.testing.assert_allclose(out["probability"], expected, rtol=0, atol=1e-6, err_msg=name)
+        assert (out["threshold"] == threshold).all()
+        assert (out["label"] == np.where(out["probability"] >= threshold, "PNEUMONIA", "NORMAL")).all()
+    assert results["jpeg"]["probability"].nunique() == len(jpegs)
+    # a 16-bit PNG of the same picture decodes to the same pixels, so it gets the same answer
+    np.testing.assert_allclose(results["png16"]["probability"], results["jpeg"]["probability"], rtol=0, atol=1e-6)
+    # both request formats
+    pd.testing.assert_frame_equal(served(server, [b64(j) for j in jpegs], inputs_format=True), results["jpeg"])
+    status, text = post_json(server, {"inputs": [b64(j) for j in jpegs[:2]]})
+    assert status == 200
+    # another batch size may pick other CPU kernels: equal up to float32 rounding, not bit for bit
+    np.testing.assert_allclose([p["probability"] for p in json.loads(text)["predictions"]],
+                               results["jpeg"]["probability"][:2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("name", "body", "patterns"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_server_answers_bad_requests_with_400_and_keeps_serving(server: str, xray_files: list[Path], name: str,
+                                                                body, patterns: list[str]) -> None:
+    good = b64(xray_files[0].read_bytes())
+    baseline = served(server, [good])
+    answer = check_bad_request(lambda payload: post_json(server, payload), body(good), patterns)
+    if name == "one-bad-row-in-batch":
+        assert [e["row"] for e in answer["errors"]] == [1, 3]
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+    pd.testing.assert_frame_equal(served(server, [good]), baseline)
+
+
+@pytest.mark.integration
+def test_server_rejects_a_real_decompression_bomb_and_garbage_bodies(server: str, xray_files: list[Path]) -> None:
+    data = png_bomb(20_000)  # 400M pixels in ~50 kB
+    assert len(data) < 100_000
+    check_bad_request(lambda payload: post_json(server, payload), split_body([b64(data)]),
+                      ["row 0", "over the pixel limit"])
+    for raw, content_type in [(b"{not json", "application/json"), (b"\xff\xfe", "application/json"),
+                              (b'{"unknown_key": []}', "application/json")]:
+        r = requests.post(f"{server}/invocations", data=raw, headers={"Content-Type": content_type}, timeout=30)
+        assert r.status_code == 400, r.text[:500]
+    assert served(server, [b64(xray_files[0].read_bytes())]).shape == (1, 3)
+
+
+@pytest.mark.integration
+def test_cli_predict_over_http_and_in_process_agree(server: str, smoke_flow: FlowRun, xray_files: list[Path],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from cxr_model.cli import build_parser
+
+    folder = tmp_path / "scans"
+    (folder / "more").mkdir(parents=True)
+    for p in xray_files[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "more" / "scan16.png").write_bytes(as_16bit_png(xray_files[3].read_bytes()))
+    (folder / "more" / "broken.jpg").write_bytes(xray_files[4].read_bytes()[:500])
+    expected = served(server, [b64(p.read_bytes()) for p in xray_files[:4]])["probability"]
+
+    def cxr_predict(*argv: str) -> tuple[int, pd.DataFrame, str]:
+        args = build_parser().parse_args(["predict", str(folder), *argv])
+        code = args.func(args)
+        out = capsys.readouterr().out
+        return code, pd.read_csv(tmp_path / "out.csv"), out
+
+    code, http_rows, table = cxr_predict("--url", server, "--csv", str(tmp_path / "out.csv"))
+    assert code == 1  # one file could not be scored
+    assert [Path(p).name for p in http_rows["path"]] == [p.name for p in xray_files[:3]] + ["broken.jpg",
+                                                                                            "scan16.png"]
+    broken = http_rows.set_index(http_rows["path"].map(lambda p: Path(p).name)).loc["broken.jpg"]
+    assert "truncated" in broken["error"] and pd.isna(broken["probability"])
+    good = http_rows.dropna(subset=["probability"])
+    np.testing.assert_allclose(good["probability"], expected, rtol=0, atol=1e-6)
+    assert "broken.jpg" in table and "probability" in table.splitlines()[0]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", smoke_flow.tracking_uri)
+    code, local_rows, _ = cxr_predict("--csv", str(tmp_path / "out.csv"))  # default --model-uri
+    assert code == 1
+    pd.testing.assert_frame_equal(local_rows, http_rows)
