@@ -22,17 +22,15 @@ import http.client
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from cxr_model.model_server import start_model_server, stop_model_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_URI = "models:/cxr-pneumonia@champion"
@@ -98,46 +96,6 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
             fn()
             times[name][i] = time.perf_counter() - start
     return times
-
-
-def start_server(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve --env-manager local` on a free port, as the README shows; waits for /ping."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # mlflow starts `uvicorn` by name: the virtualenv's bin must be on PATH
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(1)
-    stop_server(proc)
-    sys.exit(f"server did not start:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop the server and its uvicorn child (their own process group), waiting until both are gone."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, or it lingers as a zombie member of the group
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def request_body(images: list[str]) -> bytes:
@@ -242,7 +200,8 @@ def main() -> None:
         def local(ims: list[str]) -> object:
             return model.predict(pd.DataFrame({"image": ims}))
 
-        proc, url = start_server(model_uri, tracking_uri, Path(tmp) / "serve.log")
+        env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+        proc, url = start_model_server(model_uri, Path(tmp) / "serve.log", env=env)
         try:
             http, via_requests = stdlib_client(url), requests_client(url)
             turn = iter(range(10**9))
@@ -260,7 +219,7 @@ def main() -> None:
             }
             batches = interleaved({"in-process": lambda: local(batch), "http": lambda: http(batch)}, args.batches, 2)
         finally:
-            stop_server(proc)
+            stop_model_server(proc)
 
     size = model.unwrap_python_model().image_size
     print(f"model: {model_uri}{'' if args.model_uri else ' (untrained, default ConvNetConfig)'}, input {size}x{size}; "

@@ -5,12 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
+from cxr_model.model_server import start_model_server, stop_model_server
 from cxr_model.predict_cli import BadRows, find_images, format_table, invocations_url, score_files
 from cxr_model.serving import (
     INPUT_COLUMN,
@@ -289,58 +284,15 @@ def test_score_files_reports_bad_files_and_rescores_the_rest(tmp_path: Path) -> 
 # ---------------------------------------------------------------- integration: a real server on the smoke model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the group `proc` leads and wait until every member is gone (uvicorn outlives `mlflow` briefly)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, or it lingers as a zombie member of the group
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(smoke_flow: FlowRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow models serve -m models:/cxr-pneumonia@champion --env-manager local` on a free port; killed after."""
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    env = dict(smoke_flow.env)
-    # mlflow starts `uvicorn` by name: the virtualenv's bin must be on PATH, as after `source .venv/bin/activate`
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
-    with open(log, "wb") as out:
-        # its own process group, so the uvicorn child is stopped with it
-        proc = subprocess.Popen(cmd, cwd=smoke_flow.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_model_server(MODEL_URI, log, env=smoke_flow.env, cwd=smoke_flow.cwd, timeout=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not up after 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
         yield url
     finally:
-        stop_process_group(proc)
+        stop_model_server(proc)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/ping", timeout=2)  # really gone
 
