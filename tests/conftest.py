@@ -109,7 +109,3 @@ def smoke_flow(tmp_path_factory: pytest.TempPathFactory, real_subset: Path) -> F
     """The whole flow, smoke profile, on the real subset; shared by the integration and serving tests."""
     return run_cxr_train(tmp_path_factory.mktemp("flow"), real_subset)
 
-
-def flow_result(run: FlowRun) -> dict:
-    """The summary `cxr train` wrote with --result-json."""
-    return run.result

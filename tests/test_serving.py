@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from mlflow import MlflowClient
 from PIL import Image
 
 from cxr_model.model_server import start_model_server, stop_model_server
@@ -26,7 +27,7 @@ from cxr_model.serving import (
     decode_request_rows,
     pip_requirements,
 )
-from tests.conftest import FlowRun, flow_result
+from tests.conftest import FlowRun
 from tests.test_preprocess import png_bomb, png_header_only
 
 MODEL_URI = "models:/cxr-pneumonia@champion"
@@ -340,7 +341,11 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
     }
     assert Image.open(io.BytesIO(variants["png16"][0])).mode.startswith("I;16")
     assert Image.open(io.BytesIO(variants["rgba_large"][0])).mode == "RGBA"
-    threshold = flow_result(smoke_flow)["threshold"]
+    # The threshold the flow chose on validation for the version being served (test_flow may have registered a
+    # second version and moved `champion` to it, so read the registry rather than the first run's result).
+    client = MlflowClient(smoke_flow.tracking_uri)
+    champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
+    threshold = client.get_run(champion.run_id).data.metrics["val/final_threshold"]
     python_model = local_model.unwrap_python_model()
     results = {}
     for name, files in variants.items():
