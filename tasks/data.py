@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from cxr_model.cache import DecodedImages, decoded_images
 from cxr_model.config import TrainConfig
 from cxr_model.data import cap_per_class, cross_split_duplicates, index_dataset, manifest_digest, split_by_patient
+from cxr_model.model import build_augmentation
+from cxr_model.train import make_dataset
 from tasks.tracking import in_run
 
 
@@ -31,6 +33,14 @@ def open_data(cfg: TrainConfig, handle: DataHandle) -> tuple[pd.DataFrame, Decod
     """The manifest and its decoded-image cache (already warm after `load_data`)."""
     manifest = read_manifest(handle)
     return manifest, decoded_images(manifest, cfg.image_size, cfg.cache_dir)
+
+
+def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, val: pd.DataFrame):
+    """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is."""
+    augment = build_augmentation(**cfg.augmentation_params()) if cfg.augment else None
+    train_ds = make_dataset(images.take(train), train["label"].to_numpy(), cfg.batch_size, augment, shuffle=True,
+                            seed=cfg.seed)
+    return train_ds, make_dataset(images.take(val), val["label"].to_numpy(), cfg.batch_size)
 
 
 def _log_split_inputs(manifest: pd.DataFrame, source: str, digest: str) -> None:

@@ -18,7 +18,7 @@ from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
 from cxr_model.evaluate import binary_metrics, choose_threshold, classification_report
 from cxr_model.gradcam import gradcam
-from cxr_model.train import predict_proba
+from cxr_model.train import compile_forward
 from tasks.data import DataHandle, open_data
 from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
 from tasks.training import TrainedModel
@@ -62,9 +62,10 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     model = keras.models.load_model(trained.model_path, compile=False)
     val, test = (manifest[manifest["split"] == s] for s in ("val", "test"))
     y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
-    p_val = predict_proba(model, images.take(val))
+    predict = compile_forward(model)  # traced once for both splits
+    p_val = predict(images.take(val))
     threshold = choose_threshold(y_val, p_val, cfg.threshold_rule)  # fixed before test is read
-    p_test = predict_proba(model, images.take(test))
+    p_test = predict(images.take(test))
     result = Evaluation(threshold=threshold, val=binary_metrics(y_val, p_val, threshold),
                         test=binary_metrics(y_test, p_test, threshold))
     report = classification_report(y_test, p_test, threshold)

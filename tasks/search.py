@@ -15,10 +15,8 @@ from prefect.cache_policies import NONE
 
 from cxr_model.config import TrainConfig
 from cxr_model.data import class_weights
-from cxr_model.model import build_augmentation
 from cxr_model.search import ConvNetHyperModel, SearchSpace, make_tuner
-from cxr_model.train import make_dataset
-from tasks.data import DataHandle, open_data
+from tasks.data import DataHandle, fit_datasets, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
 
 
@@ -55,11 +53,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
     manifest, images = open_data(cfg, data)
     train = search_subset(manifest[manifest["split"] == "train"], cfg.search_fraction, cfg.seed)
     val = manifest[manifest["split"] == "val"]
-    x_train, x_val = (images.take(part) for part in (train, val))
-    augment = build_augmentation(**cfg.augmentation_params())
-    train_ds = make_dataset(x_train, train["label"].to_numpy(), cfg.batch_size,
-                            augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
-    val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
+    train_ds, val_ds = fit_datasets(cfg, images, train, val)
 
     space = cfg.search_space_params()
     # Resuming only makes sense for the same data, input size and space: they name the state folder.

@@ -13,10 +13,10 @@ from pydantic import BaseModel
 from cxr_model import plots
 from cxr_model.config import TrainConfig
 from cxr_model.data import class_weights
-from cxr_model.model import build_augmentation, build_convnet, count_flops
+from cxr_model.model import build_convnet, count_flops
 from cxr_model.search import SearchSpace, config_from_hparams
-from cxr_model.train import make_dataset, training_callbacks
-from tasks.data import DataHandle, open_data
+from cxr_model.train import training_callbacks
+from tasks.data import DataHandle, fit_datasets, open_data
 from tasks.tracking import MlflowEpochLogger, in_run, log_figure
 
 
@@ -34,11 +34,7 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train, val = (manifest[manifest["split"] == s] for s in ("train", "val"))
-    x_train, x_val = (images.take(part) for part in (train, val))
-    augment = build_augmentation(**cfg.augmentation_params())
-    train_ds = make_dataset(x_train, train["label"].to_numpy(), cfg.batch_size,
-                            augment if cfg.augment else None, shuffle=True, seed=cfg.seed)
-    val_ds = make_dataset(x_val, val["label"].to_numpy(), cfg.batch_size)
+    train_ds, val_ds = fit_datasets(cfg, images, train, val)
     model_cfg = config_from_hparams(hparams, cfg.image_size, SearchSpace(**cfg.search_space_params()))
     model = build_convnet(model_cfg)
     weights = class_weights(train["label"].to_numpy()) if cfg.class_weights else None
