@@ -36,7 +36,9 @@ from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, co
 from cxr_model.train import make_dataset, predict_proba, training_callbacks  # noqa: E402
 
 # The project's recipe under test: the default profile's training on a fixed architecture from its search space.
-PROJECT = ConvNetConfig(image_size=128, blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
+DEFAULT = load_config("default")
+PROJECT = ConvNetConfig(image_size=DEFAULT.image_size, blocks=4, filters=32, convs_per_block=1, dense_units=64,
+                        dropout=0.3, label_smoothing=DEFAULT.label_smoothing)
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -95,23 +97,26 @@ def train_project(splits, seed: int) -> dict:
                          seed=seed)
     model = build_convnet(PROJECT)
     seconds, history = timed_fit(model, train, cfg.epochs, validation_data=make_dataset(xv, yv, cfg.batch_size),
-                                 class_weight=class_weights(yt), callbacks=training_callbacks(cfg.patience))
-    threshold = choose_threshold(yv, predict_proba(model, xv))
+                                 class_weight=class_weights(yt) if cfg.class_weights else None,
+                                 callbacks=training_callbacks(cfg.patience))
+    threshold = choose_threshold(yv, predict_proba(model, xv), cfg.threshold_rule)  # fixed before test is read
     metrics = binary_metrics(ys, predict_proba(model, xs), threshold)
     return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)
 
 
 def default_flow(data_dir: str) -> dict:
-    """Wall time and peak memory of `cxr train --profile default` in a scratch folder."""
+    """Wall time, peak memory and test metrics of `cxr train --profile default` in a scratch folder."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PREFECT_HOME=f"{tmp}/prefect",
                    CXR_WORK_DIR=f"{tmp}/work")
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "default", "--data-dir",
-                        data_dir], cwd=tmp, env=env, check=True, capture_output=True)
+                        data_dir, "--result-json", f"{tmp}/result.json"], cwd=tmp, env=env, check=True,
+                       capture_output=True)
         minutes = (time.perf_counter() - t) / 60
+        result = json.loads(Path(f"{tmp}/result.json").read_text())
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return dict(minutes=minutes, peak_memory_gib=peak_gib)
+    return dict(minutes=minutes, peak_memory_gib=peak_gib, threshold=result["threshold"], test=result["test"])
 
 
 def main() -> None:
@@ -158,7 +163,12 @@ def main() -> None:
         ref_epoch_s, _ = timed_fit(build_reference(), make_dataset(x_ref, y_ref, BATCH_SIZE, reference_augmentation(),
                                                                    shuffle=True), 2)
         result["reference"]["minutes_12_epochs"] = ref_epoch_s / 2 * EPOCHS / 60
-        seeds = [train_project(own_splits, seed) for seed in range(args.seeds)]
+        seeds = []
+        for seed in range(args.seeds):
+            seeds.append(train_project(own_splits, seed))
+            row = seeds[-1]
+            print(f"seed {seed}: {row['minutes']:.1f} min, {row['epochs']} epochs, test acc {row['accuracy']:.4f}, "
+                  f"AUC {row['roc_auc']:.4f}, sens {row['sensitivity']:.4f}, spec {row['specificity']:.4f}", flush=True)
         mean = {k: statistics.mean(s[k] for s in seeds) for k in seeds[0] if k != "seed"}
         result["project"].update(seeds=seeds, mean=mean)
         good = mean["accuracy"] >= 0.917 and mean["roc_auc"] >= 0.966
@@ -169,7 +179,8 @@ def main() -> None:
         print(f"reference 12 epochs: {ref_minutes:.1f} min; project mean {mean['minutes']:.1f} min, test acc "
               f"{mean['accuracy']:.4f}, AUC {mean['roc_auc']:.4f}, sens {mean['sensitivity']:.4f}, spec "
               f"{mean['specificity']:.4f}; speedup {result['time_to_accuracy_speedup']}")
-        print(f"default flow: {flow['minutes']:.1f} min, peak {flow['peak_memory_gib']:.2f} GiB")
+        print(f"default flow: {flow['minutes']:.1f} min, peak {flow['peak_memory_gib']:.2f} GiB, test acc "
+              f"{flow['test']['accuracy']:.4f}, AUC {flow['test']['roc_auc']:.4f}")
     out = HERE / "results" / f"speed-{'quick' if args.quick else 'full'}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

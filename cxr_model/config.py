@@ -53,13 +53,16 @@ class TrainConfig(BaseModel):
     patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
     augment: bool = True
     rotation: float = Field(0.04, ge=0.0, le=0.5)  # fraction of a full turn (0.04 ~ 15 degrees)
-    zoom: float = Field(0.1, ge=0.0, le=0.5)
+    zoom: float = Field(0.2, ge=0.0, le=0.5)
     translation: float = Field(0.08, ge=0.0, le=0.5)
     contrast: float = Field(0.3, ge=0.0, le=1.0)
     brightness: float = Field(0.2, ge=0.0, le=1.0)
+    gamma: float = Field(0.4, ge=0.0, le=1.0)  # log-range of a random gamma: 0.4 ~ exponents 0.67..1.49
+    noise: float = Field(0.04, ge=0.0, le=0.5)  # largest sd of added Gaussian noise, as a fraction of 255
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
     class_weights: bool = True  # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance
     # evaluation
-    threshold_rule: Literal["youden", "balanced_accuracy", "f1"] = "youden"
+    threshold_rule: Literal["margin", "youden", "balanced_accuracy", "f1"] = "margin"  # see cxr_model.evaluate
     # tracking
     experiment_name: str = "cxr-pneumonia"
     model_name: str = "cxr-pneumonia"  # registered model name
@@ -86,12 +89,13 @@ class TrainConfig(BaseModel):
         """Keyword arguments of `SearchSpace` for this run."""
         return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
-                    learning_rate=self.search_learning_rate)
+                    learning_rate=self.search_learning_rate, fixed=dict(label_smoothing=self.label_smoothing))
 
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""
         return dict(rotation=self.rotation, zoom=self.zoom, translation=self.translation,
-                    contrast=self.contrast, brightness=self.brightness, seed=self.seed)
+                    contrast=self.contrast, brightness=self.brightness, gamma=self.gamma,
+                    noise=self.noise, seed=self.seed)
 
     @property
     def cache_dir(self) -> Path:

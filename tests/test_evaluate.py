@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_model.evaluate import binary_metrics, choose_threshold, classification_report
+from cxr_model.evaluate import (
+    binary_metrics,
+    choose_threshold,
+    classification_report,
+    cross_fit_rules,
+    margin_threshold,
+)
 
 
 def test_metrics_match_hand_counts() -> None:
@@ -43,3 +49,38 @@ def test_one_class_validation_falls_back_to_half() -> None:
 def test_classification_report_names_both_classes() -> None:
     text = classification_report(np.array([0, 1]), np.array([0.2, 0.9]), 0.5)
     assert "NORMAL" in text and "PNEUMONIA" in text
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def test_margin_threshold_sits_mid_gap_in_logit_space() -> None:
+    # NORMAL logits -4..-2, PNEUMONIA logits 2..6: the gap's middle is logit 0, probability 0.5, while
+    # Youden's J takes the edge of the gap, the highest-scoring threshold that still catches every PNEUMONIA.
+    y = np.array([0] * 50 + [1] * 50)
+    p = _sigmoid(np.concatenate([np.linspace(-4, -2, 50), np.linspace(2, 6, 50)]))
+    assert margin_threshold(y, p, tail=0.0) == pytest.approx(0.5)
+    assert choose_threshold(y, p, "youden") == pytest.approx(_sigmoid(np.array([2.0]))[0])
+    shifted = _sigmoid(np.concatenate([np.linspace(-6, -4, 50), np.linspace(2, 6, 50)]))
+    assert margin_threshold(y, shifted, tail=0.0) == pytest.approx(_sigmoid(np.array([-1.0]))[0])
+
+
+def test_margin_threshold_ignores_one_outlier() -> None:
+    y = np.array([0] * 40 + [1] * 60)
+    z = np.concatenate([np.linspace(-5, -3, 40), np.linspace(1, 5, 60)])
+    base = margin_threshold(y, _sigmoid(z))
+    z[0] = 4.0  # one NORMAL image scored as confidently as PNEUMONIA
+    assert margin_threshold(y, _sigmoid(z)) == pytest.approx(base, abs=0.02)
+    assert choose_threshold(y, _sigmoid(z), "margin") == margin_threshold(y, _sigmoid(z))
+
+
+def test_cross_fit_rules_scores_every_rule_on_held_out_halves() -> None:
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 60 + [1] * 140)
+    p = _sigmoid(np.where(y == 1, 1.5, -1.5) + rng.normal(0, 1.0, len(y)))
+    table = cross_fit_rules(y, p, repeats=5)
+    assert set(table) == {"margin", "youden", "balanced_accuracy", "f1"}
+    for row in table.values():
+        assert 0.75 < row["balanced_accuracy"] < 1.0 and row["threshold_logit_sd"] > 0
+    assert cross_fit_rules(np.array([0, 1, 1, 1, 1]), np.linspace(0.1, 0.9, 5)) == {}  # too few to split

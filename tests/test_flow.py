@@ -51,6 +51,9 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert metrics["test_accuracy"] == metrics["test/accuracy"]
     assert {f"test/{m}" for m in TEST_METRICS} <= set(metrics)
     assert metrics["test/threshold"] == metrics["val/final_threshold"]
+    assert params["cfg/threshold_rule"] == "margin"
+    assert 0.0 <= metrics["val/threshold_cv/margin_balanced_accuracy"] <= 1.0  # every rule cross-fitted on val
+    assert "val/threshold_cv/youden_threshold_logit_sd" in metrics
     assert len(client.get_metric_history(parent.info.run_id, "val/auc")) >= 1  # per-epoch training curve
     # artifacts
     artifacts = _artifacts(client, parent.info.run_id)

@@ -66,6 +66,33 @@ def test_augmentation_changes_train_images_only() -> None:
     x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     assert not np.allclose(np.asarray(aug(x, training=True)), x)
     np.testing.assert_allclose(np.asarray(aug(x, training=False)), x)
+    assert np.asarray(aug(x, training=True)).min() >= 0 and np.asarray(aug(x, training=True)).max() <= 255
+
+
+def test_augmentation_without_ranges_is_the_identity() -> None:
+    x = np.random.default_rng(4).uniform(0, 255, (3, 24, 24, 1)).astype("float32")
+    aug = build_augmentation(rotation=0, zoom=0, translation=0, contrast=0, brightness=0, gamma=0, seed=1)
+    np.testing.assert_allclose(np.asarray(aug(x, training=True)), x, atol=1e-3)
+
+
+def test_augmentation_shift_stays_within_its_range() -> None:
+    x = np.zeros((16, 41, 41, 1), np.float32)
+    x[:, 20, 20, 0] = 255.0  # one bright pixel in the centre
+    moved = np.asarray(build_augmentation(0, 0, translation=0.1, contrast=0, brightness=0, seed=2)(x))
+    rows, cols = np.indices((41, 41))
+    weight = moved[..., 0].sum(axis=(1, 2))
+    shift_r = (moved[..., 0] * rows).sum(axis=(1, 2)) / weight - 20
+    shift_c = (moved[..., 0] * cols).sum(axis=(1, 2)) / weight - 20
+    assert np.abs(shift_r).max() <= 4.1 + 1e-3 and np.abs(shift_c).max() <= 4.1 + 1e-3
+    assert np.abs(shift_r).max() > 0.5  # it did move
+
+
+def test_gamma_changes_mid_tones_not_black_or_white() -> None:
+    x = np.tile(np.array([0.0, 64.0, 255.0], np.float32), (8, 3, 1))[..., None]  # (8, 3, 3, 1)
+    out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, gamma=0.5, seed=3)(x))
+    np.testing.assert_allclose(out[..., 0, 0], 0.0, atol=1e-3)
+    np.testing.assert_allclose(out[..., 2, 0], 255.0, atol=1e-2)
+    assert np.ptp(out[:, 0, 1, 0]) > 5  # mid-grey moved, differently per image
 
 
 def test_make_dataset_batches_float_images() -> None:
