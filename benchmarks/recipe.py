@@ -36,10 +36,10 @@ import tensorflow as tf  # noqa: E402
 
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
-from cxr_model.data import class_weights, index_dataset, split_by_patient  # noqa: E402
+from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import THRESHOLD_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
-from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet  # noqa: E402
-from cxr_model.train import make_dataset, predict_proba, training_callbacks  # noqa: E402
+from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
+from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
 # name -> (ConvNetConfig overrides, TrainConfig overrides)
@@ -72,23 +72,20 @@ def run(name: str, seed: int, splits) -> dict:
     keras.utils.set_random_seed(seed)
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = build_convnet(ConvNetConfig(image_size=cfg.image_size, **{**BASE, **model_over}))
-    train = make_dataset(xt, yt, cfg.batch_size, build_augmentation(**cfg.augmentation_params()), shuffle=True,
-                         seed=seed)
     started = time.perf_counter()
-    history = model.fit(train, validation_data=make_dataset(xv, yv, cfg.batch_size), epochs=cfg.epochs, verbose=0,
-                        class_weight=class_weights(yt) if cfg.class_weights else None,
-                        callbacks=training_callbacks(cfg.patience))
+    history = fit_recipe(model, cfg, xt, yt, xv, yv)
     minutes = (time.perf_counter() - started) / 60
-    p_val = predict_proba(model, xv)
+    predict = compile_forward(model)
+    p_val = predict(xv)
+    thresholds = {rule: choose_threshold(yv, p_val, rule) for rule in THRESHOLD_RULES}
+    p_stressed = {stress: predict(xs) for stress, xs in stresses(xv).items()}  # scored once, read by every rule
     result = dict(recipe=name, seed=seed, minutes=minutes, epochs=len(history.history["loss"]),
-                  thresholds={rule: choose_threshold(yv, p_val, rule) for rule in THRESHOLD_RULES},
-                  val_auc=binary_metrics(yv, p_val, 0.5)["roc_auc"], cross_fit=cross_fit_rules(yv, p_val),
-                  stressed={})
-    for rule in THRESHOLD_RULES:
-        t = choose_threshold(yv, p_val, rule)
+                  thresholds=thresholds, val_auc=binary_metrics(yv, p_val, 0.5)["roc_auc"],
+                  cross_fit=cross_fit_rules(yv, p_val), stressed={})
+    for rule, t in thresholds.items():
         result["stressed"][rule] = {}
-        for stress, xs in stresses(xv).items():
-            m = binary_metrics(yv, predict_proba(model, xs), t)
+        for stress, p in p_stressed.items():
+            m = binary_metrics(yv, p, t)
             result["stressed"][rule][stress] = dict(auc=m["roc_auc"], sens=m["sensitivity"], spec=m["specificity"],
                                                     balanced_accuracy=(m["sensitivity"] + m["specificity"]) / 2)
     return result

@@ -30,10 +30,10 @@ from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference
 
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
-from cxr_model.data import class_weights, index_dataset, split_by_patient  # noqa: E402
+from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, count_flops  # noqa: E402
-from cxr_model.train import make_dataset, predict_proba, training_callbacks  # noqa: E402
+from cxr_model.train import compile_forward, fit_recipe, make_dataset  # noqa: E402
 
 # The project's recipe under test: the default profile's training on a fixed architecture from its search space.
 DEFAULT = load_config("default")
@@ -94,14 +94,13 @@ def train_project(splits, seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     cfg = load_config("default", seed=seed)
     (xt, yt), (xv, yv), (xs, ys) = splits["train"], splits["val"], splits["test"]
-    train = make_dataset(xt, yt, cfg.batch_size, build_augmentation(**cfg.augmentation_params()), shuffle=True,
-                         seed=seed)
     model = build_convnet(PROJECT)
-    seconds, history = timed_fit(model, train, cfg.epochs, validation_data=make_dataset(xv, yv, cfg.batch_size),
-                                 class_weight=class_weights(yt) if cfg.class_weights else None,
-                                 callbacks=training_callbacks(cfg.patience))
-    threshold = choose_threshold(yv, predict_proba(model, xv), cfg.threshold_rule)  # fixed before test is read
-    metrics = binary_metrics(ys, predict_proba(model, xs), threshold)
+    started = time.perf_counter()
+    history = fit_recipe(model, cfg, xt, yt, xv, yv)
+    seconds = time.perf_counter() - started
+    predict = compile_forward(model)
+    threshold = choose_threshold(yv, predict(xv), cfg.threshold_rule)  # fixed before test is read
+    metrics = binary_metrics(ys, predict(xs), threshold)
     return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)
 
 

@@ -8,6 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_model.config import TrainConfig
+from cxr_model.data import class_weights
+from cxr_model.model import build_augmentation
+
 
 def configure_threads(intra_op: int | None, inter_op: int | None = 2) -> None:
     """Fix TensorFlow's thread pools before the first op runs (no effect afterwards)."""
@@ -49,6 +53,23 @@ def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
             monitor="val_auc", mode="max", factor=0.3, patience=max(1, patience // 2), min_lr=1e-5, verbose=0
         ),
     ]
+
+
+def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                    y_val: np.ndarray) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """(train, validation) pipelines of a run: train shuffled and augmented (if enabled), validation as is."""
+    augment = build_augmentation(**cfg.augmentation_params()) if cfg.augment else None
+    train = make_dataset(x_train, y_train, cfg.batch_size, augment, shuffle=True, seed=cfg.seed)
+    return train, make_dataset(x_val, y_val, cfg.batch_size)
+
+
+def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+               y_val: np.ndarray, callbacks: list | tuple = (), verbose: int = 0) -> keras.callbacks.History:
+    """Train `model` the way a run does: augmentation, class weights, early stopping and LR decay on val AUC."""
+    train, val = recipe_datasets(cfg, x_train, y_train, x_val, y_val)
+    return model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
+                     class_weight=class_weights(y_train) if cfg.class_weights else None,
+                     callbacks=[*training_callbacks(cfg.patience), *callbacks])
 
 
 def compile_forward(model: keras.Model, batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:

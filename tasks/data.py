@@ -13,8 +13,7 @@ from pydantic import BaseModel
 from cxr_model.cache import DecodedImages, decoded_images
 from cxr_model.config import TrainConfig
 from cxr_model.data import cap_per_class, cross_split_duplicates, index_dataset, manifest_digest, split_by_patient
-from cxr_model.model import build_augmentation
-from cxr_model.train import make_dataset
+from cxr_model.train import recipe_datasets
 from tasks.tracking import in_run
 
 
@@ -37,10 +36,8 @@ def open_data(cfg: TrainConfig, handle: DataHandle) -> tuple[pd.DataFrame, Decod
 
 def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, val: pd.DataFrame):
     """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is."""
-    augment = build_augmentation(**cfg.augmentation_params()) if cfg.augment else None
-    train_ds = make_dataset(images.take(train), train["label"].to_numpy(), cfg.batch_size, augment, shuffle=True,
-                            seed=cfg.seed)
-    return train_ds, make_dataset(images.take(val), val["label"].to_numpy(), cfg.batch_size)
+    return recipe_datasets(cfg, images.take(train), train["label"].to_numpy(), images.take(val),
+                           val["label"].to_numpy())
 
 
 def _log_split_inputs(manifest: pd.DataFrame, source: str, digest: str) -> None:

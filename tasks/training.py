@@ -12,11 +12,10 @@ from pydantic import BaseModel
 
 from cxr_model import plots
 from cxr_model.config import TrainConfig
-from cxr_model.data import class_weights
 from cxr_model.model import build_convnet, count_flops
 from cxr_model.search import SearchSpace, config_from_hparams
-from cxr_model.train import training_callbacks
-from tasks.data import DataHandle, fit_datasets, open_data
+from cxr_model.train import fit_recipe
+from tasks.data import DataHandle, open_data
 from tasks.tracking import MlflowEpochLogger, in_run, log_figure
 
 
@@ -34,17 +33,15 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train, val = (manifest[manifest["split"] == s] for s in ("train", "val"))
-    train_ds, val_ds = fit_datasets(cfg, images, train, val)
     model_cfg = config_from_hparams(hparams, cfg.image_size, SearchSpace(**cfg.search_space_params()))
     model = build_convnet(model_cfg)
-    weights = class_weights(train["label"].to_numpy()) if cfg.class_weights else None
 
     with in_run(run_id):
         mlflow.log_params({f"model/{k}": v for k, v in model_cfg.to_dict().items()})
         mlflow.log_params({"model/parameters": model.count_params(), "model/flops_per_image": count_flops(model_cfg)})
         started = time.perf_counter()
-        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights,
-                            callbacks=[*training_callbacks(cfg.patience), MlflowEpochLogger()], verbose=2)
+        history = fit_recipe(model, cfg, images.take(train), train["label"].to_numpy(), images.take(val),
+                             val["label"].to_numpy(), callbacks=[MlflowEpochLogger()], verbose=2)
         seconds = time.perf_counter() - started
         epochs = len(history.history["loss"])
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
