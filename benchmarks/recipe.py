@@ -9,7 +9,8 @@ profile's architecture on the patient-grouped train split and is scored on
 - the clean validation split (ROC AUC, and each threshold rule's held-out balanced accuracy from
   repeated 2-fold cross-fitting inside validation, see `cxr_model.evaluate.cross_fit_rules`), and
 - *stressed* validation: the same images after shifts a different scanner or hospital could cause
-  (gamma, blur from a lower native resolution, a wider field of view, sensor noise). The threshold is
+  (gamma, blur from a lower native resolution, a wider field of view, sensor noise, a chest 20% narrower or
+  broader once the scan is squashed to a square). The threshold is
   fixed on clean validation and carried to the stressed copies, which is what happens to a deployed model.
 
 Validation carved from train is nearly separable here (AUC ~0.99), so the clean numbers barely separate
@@ -50,6 +51,14 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # view and sensor noise cost specificity, so augment with random gamma, a wider zoom range and noise
     "robust": ({}, dict(zoom=0.2, gamma=0.4, noise=0.04)),
     "robust+smooth": (dict(label_smoothing=0.1), dict(zoom=0.2, gamma=0.4, noise=0.04)),
+    # every scan was squashed to a square whatever its shape, so the width:height of a chest is a property of
+    # the scanner and the crop; the reference's ImageDataGenerator zooms width and height apart, Keras'
+    # RandomZoom and our warp did not
+    "robust+aspect": ({}, dict(zoom=0.2, gamma=0.4, noise=0.04, aspect=0.3)),
+    # what stressed validation of `robust` and `robust+aspect` pointed at: the score follows how large and how
+    # wide the chest sits in the frame (narrower -> PNEUMONIA under `robust`, a wider view -> PNEUMONIA
+    # under `robust+aspect`), so widen every geometric range together
+    "geometry": ({}, dict(zoom=0.35, translation=0.1, gamma=0.4, noise=0.04, aspect=0.3)),
 }
 
 
@@ -61,8 +70,13 @@ def stresses(x: np.ndarray) -> dict[str, np.ndarray]:
     wide = tf.image.resize(tf.image.pad_to_bounding_box(f, side // 10, side // 10, side + side // 5,
                                                         side + side // 5), (side, side), antialias=True)
     noise = np.random.default_rng(0).normal(0, 0.03, f.shape).astype(np.float32)
+    narrow = round(side * 0.8)  # a scan 20% narrower than the training scans once squashed to a square
+    slim = tf.image.pad_to_bounding_box(tf.image.resize(f, (side, narrow), antialias=True), 0, (side - narrow) // 2,
+                                        side, side)
+    broad = tf.image.crop_to_bounding_box(tf.image.resize(f, (side, side + side - narrow), antialias=True), 0,
+                                          (side - narrow) // 2, side, side)  # 20% wider
     out = {"gamma0.6": f**0.6, "gamma1.6": f**1.6, "blur": tf.image.resize(small, (side, side)).numpy(),
-           "wider_view": wide.numpy(), "noise": f + noise}
+           "wider_view": wide.numpy(), "noise": f + noise, "narrower": slim.numpy(), "broader": broad.numpy()}
     return {k: np.clip(np.rint(v * 255), 0, 255).astype(np.uint8) for k, v in out.items()}
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from cxr_model.config import PROFILES, DataConfigError
+from cxr_model.config import PROFILES, THRESHOLD_RULES, DataConfigError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +33,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--gamma", type=float, help="log-range of the random gamma augmentation (0 = off)")
+    p.add_argument("--aspect", type=float, help="log-range of the random width:height stretch (0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
-    p.add_argument("--threshold-rule", choices=["margin", "youden", "balanced_accuracy", "f1"])
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     p.add_argument("--experiment-name")
     p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")

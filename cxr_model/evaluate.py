@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-THRESHOLD_RULES = ("margin", "youden", "balanced_accuracy", "f1")
+from cxr_model.config import THRESHOLD_RULES
+
+__all__ = ["THRESHOLD_RULES", "binary_metrics", "choose_threshold", "classification_report", "cross_fit_rules",
+           "margin_threshold"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -56,8 +59,9 @@ def cross_fit_rules(
 ) -> dict[str, dict[str, float]]:
     """How well each rule's threshold carries over to unseen images, measured on validation alone.
 
-    Repeatedly split validation in two stratified halves, pick the threshold on one half and score the
-    other: mean held-out balanced accuracy, and the spread (sd) of the chosen threshold in logit units.
+    Split validation into two stratified halves `repeats` times, pick the threshold on one half and score
+    the other (2 x `repeats` fits): mean held-out balanced accuracy, and the spread (sd) of the chosen
+    threshold in logit units.
     """
     from sklearn.model_selection import RepeatedStratifiedKFold
 
@@ -65,16 +69,21 @@ def cross_fit_rules(
     if min(np.bincount(y_true, minlength=2)) < 4:
         return {}
     folds = RepeatedStratifiedKFold(n_splits=2, n_repeats=repeats, random_state=seed)
-    scores: dict[str, list[float]] = {r: [] for r in rules}
-    logits: dict[str, list[float]] = {r: [] for r in rules}
+    alias = {"balanced_accuracy": "youden"}  # the same optimum under two names: fitted once
+    fitted = list(dict.fromkeys(alias.get(r, r) for r in rules))
+    scores: dict[str, list[float]] = {r: [] for r in fitted}
+    logits: dict[str, list[float]] = {r: [] for r in fitted}
     for fit, held in folds.split(y_prob, y_true):
-        for rule in rules:
+        y_held, p_held = y_true[held], y_prob[held]
+        for rule in fitted:
             t = choose_threshold(y_true[fit], y_prob[fit], rule)
-            m = binary_metrics(y_true[held], y_prob[held], t)
-            scores[rule].append((m["sensitivity"] + m["specificity"]) / 2)
+            predicted = p_held >= t
+            sensitivity = predicted[y_held == 1].mean()
+            specificity = 1 - predicted[y_held == 0].mean()
+            scores[rule].append((sensitivity + specificity) / 2)
             logits[rule].append(float(_logit(np.array([t]))[0]))
-    return {r: {"balanced_accuracy": float(np.mean(scores[r])), "threshold_logit_sd": float(np.std(logits[r]))}
-            for r in rules}
+    return {r: {"balanced_accuracy": float(np.mean(scores[alias.get(r, r)])),
+                "threshold_logit_sd": float(np.std(logits[alias.get(r, r)]))} for r in rules}
 
 
 def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:

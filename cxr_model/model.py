@@ -79,17 +79,21 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
 class Augmentation:
     """Training augmentation as one fused op per batch: a random affine warp, then random intensity.
 
-    Rotation, zoom and translation are composed into one projective transform per image, so a batch is
-    resampled once (Keras' RandomRotation, RandomZoom and RandomTranslation resample it three times, which on
-    two cores was the difference between the input pipeline keeping up and not). Intensity changes are a
-    random gamma (a nonlinear change of the exposure curve, which per-image standardization inside the model
-    does not undo), contrast, brightness and Gaussian sensor noise. Runs in the tf.data pipeline on train batches only;
-    never part of the saved model. Call as `aug(images, training=True)` on float (B, S, S, C) in 0..255.
+    Rotation, zoom, aspect ratio and translation are composed into one projective transform per image, so a
+    batch is resampled once (Keras' RandomRotation, RandomZoom and RandomTranslation resample it three times,
+    which on two cores was the difference between the input pipeline keeping up and not). The aspect ratio
+    scales width and height apart, as Keras' ImageDataGenerator zoom does: scans of every shape were squashed
+    to a square, so a chest's width-to-height ratio tells of the scanner and the crop, not of the lungs.
+    Intensity changes are a random gamma (a nonlinear change of the exposure curve, which per-image
+    standardization inside the model does not undo), contrast, brightness and Gaussian sensor noise. Runs in
+    the tf.data pipeline on train batches only; never part of the saved model. Call as
+    `aug(images, training=True)` on float (B, S, S, C) in 0..255.
     """
 
     def __init__(self, rotation: float, zoom: float, translation: float, contrast: float, brightness: float,
-                 gamma: float = 0.0, noise: float = 0.0, seed: int = 0):
+                 gamma: float = 0.0, noise: float = 0.0, aspect: float = 0.0, seed: int = 0):
         self.rotation, self.zoom, self.translation = rotation, zoom, translation  # turn fraction, scale, side fraction
+        self.aspect = aspect  # log-range of width:height, e.g. 0.2 ~ ratios 0.82..1.22
         self.contrast, self.brightness, self.gamma = contrast, brightness, gamma  # gamma: log-range, e.g. 0.3
         self.noise = noise  # largest sd of additive Gaussian sensor noise, as a fraction of 255
         self.seed = seed
@@ -105,11 +109,13 @@ class Augmentation:
         cx, cy = (tf.cast(w, tf.float32) - 1) / 2, (tf.cast(h, tf.float32) - 1) / 2
         angle = self._uniform(n, 2 * math.pi * self.rotation, 1)
         scale = 1 + self._uniform(n, self.zoom, 2)  # > 1 magnifies
+        stretch = tf.exp(self._uniform(n, self.aspect / 2, 10))  # width:height = stretch**2
+        sx, sy = scale * stretch, scale / stretch
         dx = self._uniform(n, self.translation, 3) * tf.cast(w, tf.float32)
         dy = self._uniform(n, self.translation, 4) * tf.cast(h, tf.float32)
-        # Output pixel (x, y) samples input pixel centre + R(angle) (p - centre) / scale - shift.
-        a0, a1 = tf.cos(angle) / scale, -tf.sin(angle) / scale
-        b0, b1 = tf.sin(angle) / scale, tf.cos(angle) / scale
+        # Output pixel (x, y) samples input pixel centre + R(angle) diag(1/sx, 1/sy) (p - centre) - shift.
+        a0, a1 = tf.cos(angle) / sx, -tf.sin(angle) / sy
+        b0, b1 = tf.sin(angle) / sx, tf.cos(angle) / sy
         a2, b2 = cx - a0 * cx - a1 * cy - dx, cy - b0 * cx - b1 * cy - dy
         zeros = tf.zeros_like(a0)
         transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)  # (B, 8)
@@ -135,10 +141,10 @@ class Augmentation:
 
 def build_augmentation(
     rotation: float, zoom: float, translation: float, contrast: float, brightness: float, gamma: float = 0.0,
-    noise: float = 0.0, seed: int = 0,
+    noise: float = 0.0, aspect: float = 0.0, seed: int = 0,
 ) -> Augmentation:
     """The training augmentation of one run (see `Augmentation`)."""
-    return Augmentation(rotation, zoom, translation, contrast, brightness, gamma, noise, seed)
+    return Augmentation(rotation, zoom, translation, contrast, brightness, gamma, noise, aspect, seed)
 
 
 def count_flops(cfg: ConvNetConfig) -> int:

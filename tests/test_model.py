@@ -87,6 +87,18 @@ def test_augmentation_shift_stays_within_its_range() -> None:
     assert np.abs(shift_r).max() > 0.5  # it did move
 
 
+def test_aspect_stretches_width_and_height_apart_within_range() -> None:
+    x = np.zeros((32, 64, 64, 1), np.float32)
+    x[:, 22:42, 22:42, 0] = 255.0  # a 20 x 20 square in the centre
+    out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, aspect=0.4, seed=5)(x))[..., 0] > 127
+    width, height = out.any(axis=1).sum(axis=1), out.any(axis=2).sum(axis=1)  # (32,) extents in pixels
+    ratio = width / height
+    assert ratio.min() < 0.95 and ratio.max() > 1.05  # stretched both ways across the batch
+    assert np.all(np.abs(np.log(ratio)) <= 0.4 + 0.1)  # width:height within exp(+-0.4), plus a pixel of rounding
+    assert np.abs(np.log(ratio)).max() > 0.25  # and uses most of that range
+    assert np.all(np.abs(width * height / 400 - 1) < 0.25)  # area kept: a stretch, not a zoom
+
+
 def test_gamma_changes_mid_tones_not_black_or_white() -> None:
     x = np.tile(np.array([0.0, 64.0, 255.0], np.float32), (8, 3, 1))[..., None]  # (8, 3, 3, 1)
     out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, gamma=0.5, seed=3)(x))
