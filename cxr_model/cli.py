@@ -13,6 +13,17 @@ from pathlib import Path
 
 from cxr_model.config import PROFILES, THRESHOLD_RULES, DataConfigError
 
+AUGMENTATION_FLAGS = {  # TrainConfig field -> what its range means
+    "rotation": "largest rotation, as a fraction of a full turn",
+    "zoom": "largest scale change, 0.35 = 0.65..1.35",
+    "translation": "largest shift, as a fraction of the side",
+    "aspect": "log-range of the width:height stretch",
+    "contrast": "largest contrast change, as a factor - 1",
+    "brightness": "largest brightness change, as a fraction of 255",
+    "gamma": "log-range of the exposure-curve exponent",
+    "noise": "largest sd of Gaussian noise, as a fraction of 255",
+}
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run the training flow (load, visualize, tune, train, evaluate, register)")
@@ -32,8 +43,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--gamma", type=float, help="log-range of the random gamma augmentation (0 = off)")
-    p.add_argument("--aspect", type=float, help="log-range of the random width:height stretch (0 = off)")
+    for name, what in AUGMENTATION_FLAGS.items():
+        p.add_argument(f"--{name}", type=float, help=f"augmentation: {what} (0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
@@ -44,11 +55,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The `cxr train` arguments that are TrainConfig fields (None = not given, the profile decides)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "profile", "result_json")}
+
+
 def _train(args: argparse.Namespace) -> int:
     from cxr_model.config import load_config
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "profile", "result_json")}
-    cfg = load_config(args.profile, **overrides)
+    cfg = load_config(args.profile, **train_overrides(args))
     cfg.resolved_data_dir()  # fail before any server starts if the data is missing
 
     from cxr_model.train import configure_threads

@@ -7,6 +7,8 @@ from sklearn import metrics as skm
 
 from cxr_model.config import THRESHOLD_RULES
 
+ALIASES = {"balanced_accuracy": "youden"}  # the same optimum under the name some readers know it by
+
 __all__ = ["THRESHOLD_RULES", "binary_metrics", "choose_threshold", "classification_report", "cross_fit_rules",
            "margin_threshold"]
 
@@ -43,7 +45,8 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
         return 0.5  # a one-class validation set carries no information about the threshold
     if rule == "margin":
         return margin_threshold(y_true, y_prob)
-    if rule in ("youden", "balanced_accuracy"):
+    rule = ALIASES.get(rule, rule)
+    if rule == "youden":
         fpr, tpr, thresholds = skm.roc_curve(y_true, y_prob)
         best = int(np.argmax(tpr - fpr))
         return float(np.clip(thresholds[best], 0.0, 1.0))
@@ -69,8 +72,7 @@ def cross_fit_rules(
     if min(np.bincount(y_true, minlength=2)) < 4:
         return {}
     folds = RepeatedStratifiedKFold(n_splits=2, n_repeats=repeats, random_state=seed)
-    alias = {"balanced_accuracy": "youden"}  # the same optimum under two names: fitted once
-    fitted = list(dict.fromkeys(alias.get(r, r) for r in rules))
+    fitted = list(dict.fromkeys(ALIASES.get(r, r) for r in rules))  # an alias is fitted once
     scores: dict[str, list[float]] = {r: [] for r in fitted}
     logits: dict[str, list[float]] = {r: [] for r in fitted}
     for fit, held in folds.split(y_prob, y_true):
@@ -79,11 +81,11 @@ def cross_fit_rules(
             t = choose_threshold(y_true[fit], y_prob[fit], rule)
             predicted = p_held >= t
             sensitivity = predicted[y_held == 1].mean()
-            specificity = 1 - predicted[y_held == 0].mean()
+            specificity = (~predicted[y_held == 0]).mean()
             scores[rule].append((sensitivity + specificity) / 2)
             logits[rule].append(float(_logit(np.array([t]))[0]))
-    return {r: {"balanced_accuracy": float(np.mean(scores[alias.get(r, r)])),
-                "threshold_logit_sd": float(np.std(logits[alias.get(r, r)]))} for r in rules}
+    return {r: {"balanced_accuracy": float(np.mean(scores[ALIASES.get(r, r)])),
+                "threshold_logit_sd": float(np.std(logits[ALIASES.get(r, r)]))} for r in rules}
 
 
 def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:

@@ -76,6 +76,20 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
     return model
 
 
+def affine_transforms(angle, sx, sy, dx, dy, cx, cy):
+    """(B, 8) rows for ImageProjectiveTransformV3: rotate by `angle`, scale by (sx, sy), shift by (dx, dy).
+
+    The op maps each output pixel p to the input pixel it samples, here centre + R(angle) diag(1/sx, 1/sy)
+    (p - centre) - shift: the content moves by (dx, dy) input pixels, then turns about the centre and is
+    stretched along the image axes by sx and sy (> 1 magnifies).
+    """
+    a0, a1 = tf.cos(angle) / sx, -tf.sin(angle) / sy
+    b0, b1 = tf.sin(angle) / sx, tf.cos(angle) / sy
+    a2, b2 = cx - a0 * cx - a1 * cy - dx, cy - b0 * cx - b1 * cy - dy
+    zeros = tf.zeros_like(a0)
+    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+
 class Augmentation:
     """Training augmentation as one fused op per batch: a random affine warp, then random intensity.
 
@@ -113,12 +127,7 @@ class Augmentation:
         sx, sy = scale * stretch, scale / stretch
         dx = self._uniform(n, self.translation, 3) * tf.cast(w, tf.float32)
         dy = self._uniform(n, self.translation, 4) * tf.cast(h, tf.float32)
-        # Output pixel (x, y) samples input pixel centre + R(angle) diag(1/sx, 1/sy) (p - centre) - shift.
-        a0, a1 = tf.cos(angle) / sx, -tf.sin(angle) / sy
-        b0, b1 = tf.sin(angle) / sx, tf.cos(angle) / sy
-        a2, b2 = cx - a0 * cx - a1 * cy - dx, cy - b0 * cx - b1 * cy - dy
-        zeros = tf.zeros_like(a0)
-        transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)  # (B, 8)
+        transforms = affine_transforms(angle, sx, sy, dx, dy, cx, cy)
         x = tf.raw_ops.ImageProjectiveTransformV3(
             images=x, transforms=transforms, output_shape=tf.stack([h, w]), fill_value=0.0,
             interpolation="BILINEAR", fill_mode="CONSTANT",

@@ -99,6 +99,28 @@ def test_aspect_stretches_width_and_height_apart_within_range() -> None:
     assert np.all(np.abs(width * height / 400 - 1) < 0.25)  # area kept: a stretch, not a zoom
 
 
+def test_affine_warp_puts_a_point_where_rotation_then_stretch_sends_it() -> None:
+    import tensorflow as tf
+
+    from cxr_model.model import affine_transforms
+
+    side, c = 81, 40.0
+    q = np.array([52.0, 31.0])  # (x, y) of a bright pixel in the input
+    x = np.zeros((1, side, side, 1), np.float32)
+    x[0, int(q[1]), int(q[0]), 0] = 255.0
+    angle, sx, sy, dx, dy = 0.4, 1.3, 0.8, 3.0, -2.0
+    rows = affine_transforms(*(tf.constant([v], tf.float32) for v in (angle, sx, sy, dx, dy)), c, c)
+    out = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=rows, output_shape=[side, side],
+                                                fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    out = np.asarray(out)[0, ..., 0]
+    ys, xs = np.indices(out.shape)
+    got = np.array([(out * xs).sum(), (out * ys).sum()]) / out.sum()
+    # forward map, written independently: content shifted, then turned by angle about the centre and stretched
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    expected = c + np.diag([sx, sy]) @ turn.T @ (q + np.array([dx, dy]) - c)
+    np.testing.assert_allclose(got, expected, atol=0.6)
+
+
 def test_gamma_changes_mid_tones_not_black_or_white() -> None:
     x = np.tile(np.array([0.0, 64.0, 255.0], np.float32), (8, 3, 1))[..., None]  # (8, 3, 3, 1)
     out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, gamma=0.5, seed=3)(x))
