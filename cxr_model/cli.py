@@ -11,18 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from cxr_model.config import PROFILES, THRESHOLD_RULES, DataConfigError
-
-AUGMENTATION_FLAGS = {  # TrainConfig field -> what its range means
-    "rotation": "largest rotation, as a fraction of a full turn",
-    "zoom": "largest scale change, 0.35 = 0.65..1.35",
-    "translation": "largest shift, as a fraction of the side",
-    "aspect": "log-range of the width:height stretch",
-    "contrast": "largest contrast change, as a factor - 1",
-    "brightness": "largest brightness change, as a fraction of 255",
-    "gamma": "log-range of the exposure-curve exponent",
-    "noise": "largest sd of Gaussian noise, as a fraction of 255",
-}
+from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, DataConfigError, TrainConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +32,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    for name, what in AUGMENTATION_FLAGS.items():
-        p.add_argument(f"--{name}", type=float, help=f"augmentation: {what} (0 = off)")
+    for name in AUGMENTATION_FIELDS:
+        p.add_argument(f"--{name}", type=float,
+                       help=f"augmentation: {TrainConfig.model_fields[name].description} (0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)

@@ -57,16 +57,17 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
     augment: bool = True
-    rotation: float = Field(0.04, ge=0.0, le=0.5)  # fraction of a full turn (0.04 ~ 15 degrees)
+    # augmentation ranges (AUGMENTATION_FIELDS; each is a `cxr train` flag with its description as help).
     # Wide geometric ranges on purpose: without them the score follows how large and how wide the chest sits in
     # the frame (benchmarks/README.md, Recipe).
-    zoom: float = Field(0.35, ge=0.0, le=0.5)  # scale 0.65..1.35
-    translation: float = Field(0.1, ge=0.0, le=0.5)
-    aspect: float = Field(0.3, ge=0.0, le=1.0)  # log-range of a random width:height stretch: 0.3 ~ 0.74..1.35
-    contrast: float = Field(0.3, ge=0.0, le=1.0)
-    brightness: float = Field(0.2, ge=0.0, le=1.0)
-    gamma: float = Field(0.4, ge=0.0, le=1.0)  # log-range of a random gamma: 0.4 ~ exponents 0.67..1.49
-    noise: float = Field(0.04, ge=0.0, le=0.5)  # largest sd of added Gaussian noise, as a fraction of 255
+    rotation: float = Field(0.04, ge=0.0, le=0.5, description="largest rotation, as a fraction of a full turn")
+    zoom: float = Field(0.35, ge=0.0, le=0.5, description="largest scale change: 0.35 = scale 0.65..1.35")
+    translation: float = Field(0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of the side")
+    aspect: float = Field(0.3, ge=0.0, le=1.0, description="log-range of the width:height stretch: 0.3 = 0.74..1.35")
+    contrast: float = Field(0.3, ge=0.0, le=1.0, description="largest contrast change, as a factor - 1")
+    brightness: float = Field(0.2, ge=0.0, le=1.0, description="largest brightness change, as a fraction of 255")
+    gamma: float = Field(0.4, ge=0.0, le=1.0, description="log-range of the exposure-curve exponent: 0.4 = 0.67..1.49")
+    noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
     class_weights: bool = True  # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance
     # evaluation
@@ -101,9 +102,7 @@ class TrainConfig(BaseModel):
 
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""
-        return dict(rotation=self.rotation, zoom=self.zoom, translation=self.translation,
-                    contrast=self.contrast, brightness=self.brightness, gamma=self.gamma,
-                    noise=self.noise, aspect=self.aspect, seed=self.seed)
+        return {**{name: getattr(self, name) for name in AUGMENTATION_FIELDS}, "seed": self.seed}
 
     @property
     def cache_dir(self) -> Path:
@@ -117,6 +116,9 @@ class TrainConfig(BaseModel):
     def output_dir(self) -> Path:
         return self.work_dir / "outputs"
 
+
+# the TrainConfig fields that are ranges of `cxr_model.model.build_augmentation`
+AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "contrast", "brightness", "gamma", "noise")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # a few dozen images, 1-2 trials, 1 epoch: for tests and a first look

@@ -48,12 +48,15 @@ def test_work_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> None:
-    from cxr_model.cli import AUGMENTATION_FLAGS, build_parser, train_overrides
+    import inspect
+
+    from cxr_model.cli import build_parser, train_overrides
+    from cxr_model.config import AUGMENTATION_FIELDS
     from cxr_model.model import build_augmentation
 
-    assert set(AUGMENTATION_FLAGS) == set(load_config().augmentation_params()) - {"seed"}
-    argv = ["train", "--profile", "smoke"] + [arg for i, name in enumerate(AUGMENTATION_FLAGS)
+    assert set(AUGMENTATION_FIELDS) == set(inspect.signature(build_augmentation).parameters) - {"seed"}
+    argv = ["train", "--profile", "smoke"] + [arg for i, name in enumerate(AUGMENTATION_FIELDS)
                                               for arg in (f"--{name}", str(0.01 * (i + 1)))]
     params = load_config("smoke", **train_overrides(build_parser().parse_args(argv))).augmentation_params()
-    assert [params[name] for name in AUGMENTATION_FLAGS] == pytest.approx([0.01 * (i + 1) for i in range(8)])
+    assert [params[name] for name in AUGMENTATION_FIELDS] == pytest.approx([0.01 * (i + 1) for i in range(8)])
     build_augmentation(**params)  # every field is an argument of the augmentation
