@@ -98,7 +98,7 @@ def train_project(splits, seed: int) -> dict:
     started = time.perf_counter()
     history = fit_recipe(model, cfg, xt, yt, xv, yv)
     seconds = time.perf_counter() - started
-    predict = compile_forward(model)
+    predict = compile_forward(model, views=cfg.views)  # the recipe's test-time views
     threshold = choose_threshold(yv, predict(xv), cfg.threshold_rule)  # fixed before test is read
     metrics = binary_metrics(ys, predict(xs), threshold)
     return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)

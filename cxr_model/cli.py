@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, DataConfigError, TrainConfig
+from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, TTA_VIEWS, DataConfigError, TrainConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
+    p.add_argument("--tta", choices=list(TTA_VIEWS), help="test-time views averaged in evaluation and serving")
     p.add_argument("--experiment-name")
     p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")

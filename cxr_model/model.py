@@ -90,6 +90,22 @@ def affine_transforms(angle, sx, sy, dx, dy, cx, cy):
     return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
 
 
+def warp_view(images, scale: float, ratio: float):
+    """float (B, S, S, C) magnified by `scale` and stretched to width:height `ratio` about the centre.
+
+    A test-time view: the same warp as training augmentation's, at a fixed setting, black outside the image.
+    """
+    if scale == 1.0 and ratio == 1.0:
+        return images
+    n, h, w = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    cx, cy = (tf.cast(w, tf.float32) - 1) / 2, (tf.cast(h, tf.float32) - 1) / 2
+    stretch = ratio**0.5
+    rows = affine_transforms(*(tf.fill([n], float(v)) for v in (0.0, scale * stretch, scale / stretch, 0.0, 0.0)),
+                             cx, cy)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=rows, output_shape=tf.stack([h, w]),
+                                                 fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
 class Augmentation:
     """Training augmentation as one fused op per batch: a random affine warp, then random intensity.
 
@@ -98,17 +114,21 @@ class Augmentation:
     which on two cores was the difference between the input pipeline keeping up and not). The aspect ratio
     scales width and height apart, as Keras' ImageDataGenerator zoom does: scans of every shape were squashed
     to a square, so a chest's width-to-height ratio tells of the scanner and the crop, not of the lungs.
-    Intensity changes are a random gamma (a nonlinear change of the exposure curve, which per-image
-    standardization inside the model does not undo), contrast, brightness and Gaussian sensor noise. Runs in
-    the tf.data pipeline on train batches only; never part of the saved model. Call as
-    `aug(images, training=True)` on float (B, S, S, C) in 0..255.
+    A random loss of resolution follows: each image is blended, by its own random weight, with a copy of the
+    batch down-sampled to a random fraction of the side and up-sampled back, as a scan from a detector or an
+    export of lower resolution looks after the resize to our input size. Intensity changes are a random gamma
+    (a nonlinear change of the exposure curve, which per-image standardization inside the model does not undo),
+    contrast, brightness and Gaussian sensor noise. Runs in the tf.data pipeline on train batches only; never
+    part of the saved model. Call as `aug(images, training=True)` on float (B, S, S, C) in 0..255.
     """
 
     def __init__(self, rotation: float, zoom: float, translation: float, contrast: float, brightness: float,
-                 gamma: float = 0.0, noise: float = 0.0, aspect: float = 0.0, seed: int = 0):
+                 gamma: float = 0.0, noise: float = 0.0, aspect: float = 0.0, resolution: float = 0.0,
+                 seed: int = 0):
         self.rotation, self.zoom, self.translation = rotation, zoom, translation  # turn fraction, scale, side fraction
         self.aspect = aspect  # log-range of width:height, e.g. 0.2 ~ ratios 0.82..1.22
         self.contrast, self.brightness, self.gamma = contrast, brightness, gamma  # gamma: log-range, e.g. 0.3
+        self.resolution = resolution  # largest loss of resolution: 0.5 = down to half the side, and back
         self.noise = noise  # largest sd of additive Gaussian sensor noise, as a fraction of 255
         self.seed = seed
 
@@ -133,6 +153,13 @@ class Augmentation:
             interpolation="BILINEAR", fill_mode="CONSTANT",
         )
         per_image = (n, 1, 1, 1)
+        if self.resolution:
+            # one down-sampled size per batch (resize takes one size), one blend weight per image
+            keep = 1 - tf.random.uniform((), 0, self.resolution, seed=self.seed * 7919 + 11)
+            small = tf.maximum(tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * keep), tf.int32), 1)
+            low = tf.image.resize(tf.image.resize(x, small, antialias=True), tf.stack([h, w]), method="bilinear")
+            mix = tf.reshape(tf.random.uniform((n,), 0, 1, seed=self.seed * 7919 + 12), per_image)
+            x = x + mix * (low - x)
         if self.gamma:
             gamma = tf.reshape(tf.exp(self._uniform(n, self.gamma, 5)), per_image)
             x = 255.0 * tf.pow(tf.clip_by_value(x / 255.0, 0.0, 1.0), gamma)
@@ -150,10 +177,10 @@ class Augmentation:
 
 def build_augmentation(
     rotation: float, zoom: float, translation: float, contrast: float, brightness: float, gamma: float = 0.0,
-    noise: float = 0.0, aspect: float = 0.0, seed: int = 0,
+    noise: float = 0.0, aspect: float = 0.0, resolution: float = 0.0, seed: int = 0,
 ) -> Augmentation:
     """The training augmentation of one run (see `Augmentation`)."""
-    return Augmentation(rotation, zoom, translation, contrast, brightness, gamma, noise, aspect, seed)
+    return Augmentation(rotation, zoom, translation, contrast, brightness, gamma, noise, aspect, resolution, seed)
 
 
 def count_flops(cfg: ConvNetConfig) -> int:

@@ -126,8 +126,10 @@ class CxrPneumoniaModel(PythonModel):
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.threshold = float(meta["threshold"])
         self.image_size = int(meta["image_size"])
+        # the test-time views the threshold was chosen with (models from before views were recorded: one)
+        self.views = tuple((float(s), float(r)) for s, r in meta.get("views", [[1.0, 1.0]]))
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        self.forward = compile_forward(self.model)
+        self.forward = compile_forward(self.model, views=self.views)
         self.forward(np.zeros((1, self.image_size, self.image_size, 1), np.uint8))  # trace now, not on request 1
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from cxr_model.config import TrainConfig
 from cxr_model.data import class_weights
-from cxr_model.model import build_augmentation
+from cxr_model.model import build_augmentation, warp_view
 
 
 def configure_threads(intra_op: int | None, inter_op: int | None = 2) -> None:
@@ -72,16 +72,26 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
                      callbacks=[*training_callbacks(cfg.patience), *callbacks])
 
 
-def compile_forward(model: keras.Model, batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+def compile_forward(model: keras.Model, batch_size: int = 64,
+                    views: Sequence[tuple[float, float]] = ((1.0, 1.0),)) -> Callable[[np.ndarray], np.ndarray]:
     """A graph-compiled `uint8 images (N, S, S, 1) -> probabilities (N,)`; ~10x faster than eager calls.
 
-    Evaluation, Grad-CAM figures and the served model all predict through this one function.
+    With several `views` ((scale, width:height) pairs, see `config.TTA_VIEWS`) the probability is the mean over
+    the views, run as one batch of len(views) x batch_size. Evaluation, Grad-CAM figures and the served model
+    all predict through this one function.
     """
     size = model.input_shape[1]
+    views = tuple((float(s), float(r)) for s, r in views)
+    if not views:
+        raise ValueError("compile_forward needs at least one view, e.g. ((1.0, 1.0),)")
 
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.uint8)])  # no retracing per batch size
     def forward(images):
-        return model(tf.cast(images, tf.float32), training=False)
+        x = tf.cast(images, tf.float32)
+        if len(views) == 1:
+            return model(warp_view(x, *views[0]), training=False)
+        p = model(tf.concat([warp_view(x, s, r) for s, r in views], axis=0), training=False)  # (V*B, 1)
+        return tf.reduce_mean(tf.reshape(p, (len(views), -1, 1)), axis=0)  # (B, 1)
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.uint8)
@@ -91,6 +101,7 @@ def compile_forward(model: keras.Model, batch_size: int = 64) -> Callable[[np.nd
     return predict
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Pneumonia probabilities, shape (N,), for uint8 images (N, S, S, 1)."""
-    return compile_forward(model, batch_size)(images)
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 64,
+                  views: Sequence[tuple[float, float]] = ((1.0, 1.0),)) -> np.ndarray:
+    """Pneumonia probabilities, shape (N,), for uint8 images (N, S, S, 1), averaged over `views`."""
+    return compile_forward(model, batch_size, views)(images)

@@ -41,7 +41,8 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: d
     return (
         f"# cxr-pneumonia evaluation ({cfg.profile} profile)\n\n"
         f"Threshold **{result.threshold:.4f}**, chosen on validation by the `{cfg.threshold_rule}` rule; "
-        "the test split was read once, after every choice was fixed.\n\n"
+        "the test split was read once, after every choice was fixed. Probabilities are averaged over "
+        f"{len(cfg.views)} test-time view(s) (`{cfg.tta}`).\n\n"
         f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
         "How each threshold rule carries over within validation (pick on one half, score the other, "
         f"{2 * CROSS_FIT_REPEATS} fits):\n\n"
@@ -71,7 +72,7 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     model = keras.models.load_model(trained.model_path, compile=False)
     val, test = (manifest[manifest["split"] == s] for s in ("val", "test"))
     y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
-    predict = compile_forward(model)  # traced once for both splits
+    predict = compile_forward(model, views=cfg.views)  # traced once for both splits
     p_val = predict(images.take(val))
     threshold = choose_threshold(y_val, p_val, cfg.threshold_rule)  # fixed before test is read
     # how each rule's threshold carries over, on validation alone

@@ -66,7 +66,8 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
     """Log the served model with signature and example, register it and set its alias."""
     out = Path(trained.model_path).parent
     meta = dict(threshold=evaluation.threshold, image_size=cfg.image_size, labels=["NORMAL", "PNEUMONIA"],
-                threshold_rule=cfg.threshold_rule, data_digest=data.digest, run_id=run_id)
+                threshold_rule=cfg.threshold_rule, views=[list(v) for v in cfg.views], data_digest=data.digest,
+                run_id=run_id)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     manifest = read_manifest(data)
     example_path = manifest[manifest["split"] == "val"]["path"].iloc[0]

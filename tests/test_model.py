@@ -186,3 +186,49 @@ def test_search_space_bounds_are_respected(tmp_path: Path) -> None:
         cfg = config_from_hparams(hp, 32, space)
         assert (cfg.blocks, cfg.filters, cfg.convs_per_block, cfg.dense_units, cfg.stem_stride) == (3, 8, 1, 0, 1)
         assert 0.1 <= cfg.dropout <= 0.5 and 3e-4 <= cfg.learning_rate <= 3e-3
+
+
+def test_resolution_loss_blurs_by_a_random_amount_and_keeps_exposure() -> None:
+    x = np.zeros((16, 32, 32, 1), np.float32)
+    x[:, ::2, :, 0] = 255.0  # one-pixel stripes: all of their energy is at the finest scale
+    out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, resolution=0.6, seed=4)(x))[..., 0]
+    detail = np.abs(np.diff(out, axis=1)).mean(axis=(1, 2)) / 255  # 1.0 for the sharp stripes
+    assert detail.max() <= 1.0 + 1e-4 and detail.min() < 0.7  # detail is only ever lost, and lost for real
+    assert np.ptp(detail) > 0.1  # by a different amount per image
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), 127.5, atol=8)  # blurred, not darkened or brightened
+
+
+def test_view_magnifies_and_stretches_about_the_centre() -> None:
+    from cxr_model.model import warp_view
+
+    x = np.zeros((1, 65, 65, 1), np.float32)
+    x[:, 22:42, 22:42, 0] = 255.0  # a 20 x 20 square in the centre
+
+    def extents(scale: float, ratio: float) -> tuple[int, int]:
+        out = np.asarray(warp_view(x, scale, ratio))[0, ..., 0] > 127
+        return int(out.any(axis=0).sum()), int(out.any(axis=1).sum())  # width, height
+
+    assert extents(1.0, 1.0) == (20, 20)
+    width, height = extents(1.2, 1.0)
+    assert abs(width - 24) <= 1 and abs(height - 24) <= 1
+    width, height = extents(1.0, 1.21)  # width:height 1.21 at the same area: 22 x 18.2
+    assert abs(width - 22) <= 1 and abs(height - 18.2) <= 1
+
+
+def test_forward_over_views_is_the_mean_of_each_view() -> None:
+    import tensorflow as tf
+
+    from cxr_model.config import TTA_VIEWS
+    from cxr_model.model import warp_view
+    from cxr_model.train import compile_forward
+
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0))
+    x = np.random.default_rng(5).uniform(0, 255, (5, 32, 32, 1)).astype("uint8")
+    views = TTA_VIEWS["scale+aspect"]
+    each = [np.asarray(model(warp_view(tf.cast(x, tf.float32), s, r), training=False))[:, 0] for s, r in views]
+    got = compile_forward(model, batch_size=2, views=views)(x)  # batches of 2 images x 5 views, last one short
+    np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=0, atol=1e-6)
+    assert np.abs(got - each[0]).max() > 1e-4  # the views do change the answer
+    np.testing.assert_allclose(compile_forward(model)(x), each[0], rtol=0, atol=1e-6)  # default: the image alone
+    with pytest.raises(ValueError, match="at least one view"):
+        compile_forward(model, views=())

@@ -16,6 +16,7 @@ import requests
 from mlflow import MlflowClient
 from PIL import Image
 
+from cxr_model.config import TTA_VIEWS
 from cxr_model.model_server import start_model_server, stop_model_server
 from cxr_model.predict_cli import BadRows, find_images, format_table, invocations_url, score_files
 from cxr_model.serving import (
@@ -31,6 +32,7 @@ from tests.conftest import FlowRun
 from tests.test_preprocess import png_bomb, png_header_only
 
 MODEL_URI = "models:/cxr-pneumonia@champion"
+TINY_VIEWS = [[1.0, 1.0], [0.85, 1.0], [1.0, 1.18]]  # test-time views in the tiny model's meta.json
 MAX_MESSAGE = 600  # an error message is a sentence or two, never the request echoed back
 
 
@@ -183,7 +185,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)).save(root / "model.keras")
-    (root / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": 32}))
+    (root / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": 32, "views": TINY_VIEWS}))
     mlflow.pyfunc.save_model(
         str(root / "pyfunc"), python_model=CxrPneumoniaModel(), signature=SIGNATURE,
         pip_requirements=pip_requirements(),
@@ -205,8 +207,9 @@ def test_pyfunc_output_equals_in_process_predict_proba(tiny_model_dir: Path) -> 
     files = [png(Image.fromarray(rng.integers(0, 255, (40 + i, 50), np.uint8), "L")) for i in range(5)]
     out = model.predict(None, pd.DataFrame({INPUT_COLUMN: [b64(f) for f in files]}))
     assert list(out.columns) == ["probability", "label", "threshold"]
+    assert model.views == tuple(map(tuple, TINY_VIEWS))  # the registered test-time views, not a default
     expected = predict_proba(keras.models.load_model(tiny_model_dir / "model.keras"),
-                             np.stack([decode_image(f, 32) for f in files]))
+                             np.stack([decode_image(f, 32) for f in files]), views=TINY_VIEWS)
     # graph-compiled serving vs the eager training-side call: the same numbers up to float32 rounding
     np.testing.assert_allclose(out["probability"], expected, rtol=0, atol=1e-6)
     assert out["probability"].std() > 0  # different images, different answers
@@ -347,6 +350,8 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
     champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
     threshold = client.get_run(champion.run_id).data.metrics["val/final_threshold"]
     python_model = local_model.unwrap_python_model()
+    # served with the test-time views the threshold was chosen with
+    assert python_model.views == TTA_VIEWS[client.get_run(champion.run_id).data.params["cfg/tta"]]
     results = {}
     for name, files in variants.items():
         images = [b64(f) for f in files]
@@ -358,7 +363,7 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
         pd.testing.assert_frame_equal(out, in_process, check_exact=False, rtol=0, atol=1e-6)
         # ... and the training-side path: decode_image + predict_proba on the Keras model
         expected = predict_proba(python_model.model, np.stack([decode_image(f, python_model.image_size)
-                                                                for f in files]))
+                                                                for f in files]), views=python_model.views)
         np.testing.assert_allclose(out["probability"], expected, rtol=0, atol=1e-6, err_msg=name)
         assert (out["threshold"] == threshold).all()
         assert (out["label"] == np.where(out["probability"] >= threshold, "PNEUMONIA", "NORMAL")).all()
