@@ -7,7 +7,7 @@ Loads each registered model version, rebuilds the patient-grouped validation spl
 `recipe.py`) with each view set of `config.TTA_VIEWS` (`cxr train --tta`): the probability averaged over the
 image warped by each view.
 The threshold is chosen on clean validation with the run's rule, per view set, and carried to the stressed
-copies. No training, and the test split is never loaded. Writes benchmarks/results/tta.json.
+copies. No training, and the test split is never loaded. Writes benchmarks/results/tta.json (`--out`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
     seed, rule = int(run.data.params["cfg/seed"]), run.data.params["cfg/threshold_rule"]
-    cfg = load_config(run.data.params["cfg/profile"], data_dir=data_dir, seed=seed)
+    params = run.data.params  # the run's own split and input size, whatever today's profile says
+    cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=seed,
+                      val_fraction=float(params["cfg/val_fraction"]), image_size=int(params["cfg/image_size"]))
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, seed)
     val = manifest[manifest["split"] == "val"]  # the run's own held-out patients; test is never loaded
     xv, yv = decoded_images(val, cfg.image_size, cfg.cache_dir).take(val), val["label"].to_numpy()
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--versions", nargs="+", required=True)
     parser.add_argument("--model-name", default="cxr-pneumonia")
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
+    parser.add_argument("--out", default="tta.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     results = [r for v in args.versions for r in probe(v, args.model_name, args.data_dir)]
     print(f"\n{'version':>7s} {'views':14s} {'val AUC':>8s} {'cf BA':>6s} {'stress BA':>9s} {'worst':>6s} "
@@ -85,7 +88,7 @@ def main() -> None:
         spec = min(v["spec"] for v in r["stressed"].values())
         print(f"{r['version']:>7s} {r['views']:14s} {r['val_auc']:8.4f} {r['cross_fit']:6.3f} "
               f"{statistics.mean(ba):9.3f} {min(ba):6.3f} {spec:8.3f}")
-    out = HERE / "results" / "tta.json"
+    out = HERE / "results" / args.out
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -180,7 +180,9 @@ def build_augmentation(
     noise: float = 0.0, aspect: float = 0.0, resolution: float = 0.0, seed: int = 0,
 ) -> Augmentation:
     """The training augmentation of one run (see `Augmentation`)."""
-    return Augmentation(rotation, zoom, translation, contrast, brightness, gamma, noise, aspect, resolution, seed)
+    return Augmentation(rotation=rotation, zoom=zoom, translation=translation, contrast=contrast,
+                        brightness=brightness, gamma=gamma, noise=noise, aspect=aspect, resolution=resolution,
+                        seed=seed)
 
 
 def count_flops(cfg: ConvNetConfig) -> int:

@@ -77,8 +77,8 @@ def compile_forward(model: keras.Model, batch_size: int = 64,
     """A graph-compiled `uint8 images (N, S, S, 1) -> probabilities (N,)`; ~10x faster than eager calls.
 
     With several `views` ((scale, width:height) pairs, see `config.TTA_VIEWS`) the probability is the mean over
-    the views, run as one batch of len(views) x batch_size. Evaluation, Grad-CAM figures and the served model
-    all predict through this one function.
+    the views, run as one batch of len(views) x batch_size. Evaluation, the benchmarks and the served model all
+    predict through this one function (Grad-CAM differentiates the model on the image alone).
     """
     size = model.input_shape[1]
     views = tuple((float(s), float(r)) for s, r in views)

@@ -57,7 +57,11 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: d
 
 def gradcam_figure(model: keras.Model, test: pd.DataFrame, images: DecodedImages, p_test: np.ndarray,
                    threshold: float, per_class: int = 4):
-    """Grad-CAM for a fixed set of test images: the first `per_class` of each class by file name."""
+    """Grad-CAM for a fixed set of test images: the first `per_class` of each class by file name.
+
+    The heatmap is of the image alone; the title's probability is the one evaluation used (over every test-time
+    view), so the label in the title matches the confusion matrix.
+    """
     picks = test.assign(prob=p_test).sort_values("path").groupby("label", group_keys=False).head(per_class)
     x = images.take(picks)
     titles = [f"{r.class_name} · p={r.prob:.2f} → {'PNEU' if r.prob >= threshold else 'NORM'}\n{Path(r.path).name[:22]}"

@@ -24,6 +24,7 @@ from tasks.training import TrainedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "val_score"
+BASIS_TAG = "val_score_basis"  # what the score measured (see score_basis)
 
 
 class Registration(BaseModel):
@@ -51,12 +52,30 @@ def champion_score(client: MlflowClient, name: str) -> float | None:
     return float(version.tags.get(SCORE_TAG, "nan"))
 
 
-def assign_alias(client: MlflowClient, name: str, version: str, score: float) -> tuple[str, float | None]:
-    """Give `version` the champion alias if it beats the holder, else the challenger alias."""
+def score_basis(cfg: TrainConfig, data_digest: str) -> str:
+    """What a version's validation score measured: scores on different bases are not compared."""
+    return (f"{cfg.champion_metric} on validation (data {data_digest[:12]}, split seed {cfg.seed}, "
+            f"fraction {cfg.val_fraction}, test-time views {cfg.tta})")
+
+
+def assign_alias(client: MlflowClient, name: str, version: str, score: float,
+                 basis: str = "") -> tuple[str, float | None]:
+    """Give `version` the champion alias if it beats the holder on the same basis, else the challenger alias.
+
+    A champion scored on another basis (other validation images, other test-time views, or recorded before
+    bases were) is not compared with: the new version becomes the challenger, and moving `champion` is a
+    person's call (`MlflowClient().set_registered_model_alias`).
+    """
     current = champion_score(client, name)
-    alias = CHAMPION if should_promote(score, current) else CHALLENGER
+    comparable = current is None or (
+        client.get_model_version_by_alias(name, CHAMPION).tags.get(BASIS_TAG, "") == basis)
+    alias = CHAMPION if comparable and should_promote(score, current) else CHALLENGER
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
+    client.set_model_version_tag(name, version, BASIS_TAG, basis)
     client.set_registered_model_alias(name, alias, version)
+    if not comparable:
+        print(f"{name} v{version} is {CHALLENGER}: the {CHAMPION} was scored on another basis, so the scores "
+              "are not compared; move the alias by hand if the new version should serve")
     return alias, current
 
 
@@ -86,7 +105,7 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
         for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
                            "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
-        alias, previous = assign_alias(client, cfg.model_name, version, score)
+        alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
         mlflow.set_tags({"registered_version": version, "registered_alias": alias})
     print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
           f"champion had {previous})")

@@ -42,4 +42,9 @@ def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
     assert assign_alias(client, name, v3, 0.95)[0] == CHAMPION
     assert client.get_model_version_by_alias(name, CHAMPION).version == v3
     assert client.get_model_version_by_alias(name, CHALLENGER).version == v2
+    # a better score on another basis (other validation images or test-time views) is not compared with
+    v4 = new_version()
+    assert assign_alias(client, name, v4, 0.99, basis="roc_auc on validation (views scale)")[0] == CHALLENGER
+    assert client.get_model_version_by_alias(name, CHAMPION).version == v3
+    assert client.get_model_version(name, v4).tags["val_score_basis"] == "roc_auc on validation (views scale)"
     assert mlflow.get_tracking_uri()  # the global URI was never touched by this test
