@@ -37,26 +37,26 @@ from cxr_model.train import compile_forward  # noqa: E402
 VIEW_SETS = TTA_VIEWS  # name -> (scale, width:height) of each view; the choices of `cxr train --tta`
 
 
-def view_scores(model, x: np.ndarray) -> dict[tuple[float, float], np.ndarray]:
-    """Probabilities (N,) of every view that any view set uses, each computed once."""
-    unique = {v for views in VIEW_SETS.values() for v in views}
-    return {v: compile_forward(model, views=(v,))(x) for v in unique}
+def view_forwards(model) -> dict[tuple[float, float], object]:
+    """A compiled forward for every view that any view set uses, each traced once per model."""
+    return {v: compile_forward(model, views=(v,)) for v in {v for views in VIEW_SETS.values() for v in views}}
 
 
 def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
     client = MlflowClient()
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
-    seed, rule = int(run.data.params["cfg/seed"]), run.data.params["cfg/threshold_rule"]
     params = run.data.params  # the run's own split and input size, whatever today's profile says
+    seed, rule = int(params["cfg/seed"]), params["cfg/threshold_rule"]
     cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=seed,
                       val_fraction=float(params["cfg/val_fraction"]), image_size=int(params["cfg/image_size"]))
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, seed)
     val = manifest[manifest["split"] == "val"]  # the run's own held-out patients; test is never loaded
     xv, yv = decoded_images(val, cfg.image_size, cfg.cache_dir).take(val), val["label"].to_numpy()
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
-    clean = view_scores(model, xv)
-    stressed = {stress: view_scores(model, xs) for stress, xs in stresses(xv).items()}
+    forwards = view_forwards(model)
+    clean = {v: forward(xv) for v, forward in forwards.items()}
+    stressed = {stress: {v: forward(xs) for v, forward in forwards.items()} for stress, xs in stresses(xv).items()}
     results = []
     for set_name, views in VIEW_SETS.items():
         p = np.mean([clean[v] for v in views], axis=0)

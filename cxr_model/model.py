@@ -175,14 +175,7 @@ class Augmentation:
         return tf.clip_by_value(x, 0.0, 255.0)
 
 
-def build_augmentation(
-    rotation: float, zoom: float, translation: float, contrast: float, brightness: float, gamma: float = 0.0,
-    noise: float = 0.0, aspect: float = 0.0, resolution: float = 0.0, seed: int = 0,
-) -> Augmentation:
-    """The training augmentation of one run (see `Augmentation`)."""
-    return Augmentation(rotation=rotation, zoom=zoom, translation=translation, contrast=contrast,
-                        brightness=brightness, gamma=gamma, noise=noise, aspect=aspect, resolution=resolution,
-                        seed=seed)
+build_augmentation = Augmentation  # the training augmentation of one run; its ranges are AUGMENTATION_FIELDS
 
 
 def count_flops(cfg: ConvNetConfig) -> int:

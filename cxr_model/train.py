@@ -88,8 +88,6 @@ def compile_forward(model: keras.Model, batch_size: int = 64,
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.uint8)])  # no retracing per batch size
     def forward(images):
         x = tf.cast(images, tf.float32)
-        if len(views) == 1:
-            return model(warp_view(x, *views[0]), training=False)
         p = model(tf.concat([warp_view(x, s, r) for s, r in views], axis=0), training=False)  # (V*B, 1)
         return tf.reduce_mean(tf.reshape(p, (len(views), -1, 1)), axis=0)  # (B, 1)
 

@@ -43,13 +43,18 @@ def should_promote(new_score: float, champion_score: float | None) -> bool:
     return champion_score is None or math.isnan(champion_score) or new_score > champion_score
 
 
-def champion_score(client: MlflowClient, name: str) -> float | None:
-    """The validation score recorded on the current champion, or None if no champion exists."""
+def _champion(client: MlflowClient, name: str):
+    """The model version holding the champion alias, or None."""
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return float(version.tags.get(SCORE_TAG, "nan"))
+
+
+def champion_score(client: MlflowClient, name: str) -> float | None:
+    """The validation score recorded on the current champion, or None if no champion exists."""
+    champion = _champion(client, name)
+    return None if champion is None else float(champion.tags.get(SCORE_TAG, "nan"))
 
 
 def score_basis(cfg: TrainConfig, data_digest: str) -> str:
@@ -66,9 +71,9 @@ def assign_alias(client: MlflowClient, name: str, version: str, score: float,
     bases were) is not compared with: the new version becomes the challenger, and moving `champion` is a
     person's call (`MlflowClient().set_registered_model_alias`).
     """
-    current = champion_score(client, name)
-    comparable = current is None or (
-        client.get_model_version_by_alias(name, CHAMPION).tags.get(BASIS_TAG, "") == basis)
+    champion = _champion(client, name)  # one registry read for both the score and its basis
+    current = None if champion is None else float(champion.tags.get(SCORE_TAG, "nan"))
+    comparable = champion is None or champion.tags.get(BASIS_TAG, "") == basis
     alias = CHAMPION if comparable and should_promote(score, current) else CHALLENGER
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
     client.set_model_version_tag(name, version, BASIS_TAG, basis)
