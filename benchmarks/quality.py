@@ -1,11 +1,13 @@
-"""Quality benchmark: run the flow N times (seeds 0..N-1) and summarise every test metric.
+"""Quality benchmark: run the flow N times (seeds F..F+N-1) and summarise every test metric.
 
-    python benchmarks/quality.py --profile default --seeds 3
+    python benchmarks/quality.py --profile default --seeds 3 [--first-seed 3] [--out quality-default.json]
 
 Runs log to the configured MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db) under the
 experiment `cxr-quality-<profile>` and register `cxr-pneumonia-bench`, so the real registry is untouched.
-Writes benchmarks/results/quality-<profile>.json. Each run reads the test split once, after its own
-validation-made choices; comparing profiles here is reporting, not tuning.
+Writes benchmarks/results/quality-<profile>.json (`--out`): per seed the test metrics, wall minutes and the
+flow's peak resident memory (its largest process). Each run reads the test split once, after its own
+validation-made choices; comparing profiles here is reporting, not tuning. A new recipe is best read on seeds
+no earlier run used (`--first-seed`).
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) ->
                "--experiment-name", f"cxr-quality-{profile}", "--model-name", "cxr-pneumonia-bench",
                "--result-json", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
         started = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=HERE.parent)
+        proc = subprocess.Popen(cmd, cwd=HERE.parent)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS, not this script's
+        minutes = (time.perf_counter() - started) / 60
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
         result = json.loads(out.read_text())
-    return dict(seed=seed, minutes=(time.perf_counter() - started) / 60, run_id=result["run_id"],
+    return dict(seed=seed, minutes=minutes, peak_memory_gib=usage.ru_maxrss / 2**20, run_id=result["run_id"],
                 threshold=result["threshold"], **{m: result["test"][m] for m in METRICS})
 
 
 def summarise(runs: list[dict]) -> dict:
-    keys = (*METRICS, "minutes")
+    keys = (*METRICS, "minutes", "peak_memory_gib")
     return {k: dict(mean=statistics.mean(r[k] for r in runs),
                     sd=statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0) for k in keys}
 
@@ -47,15 +53,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="default")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--out", help="file name under benchmarks/results/ (default quality-<profile>.json)")
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     parser.add_argument("extra", nargs="*", help="more `cxr train` options after --")
     args = parser.parse_args()
-    runs = [run_once(args.profile, seed, args.data_dir, args.extra) for seed in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [run_once(args.profile, seed, args.data_dir, args.extra) for seed in seeds]
     summary = summarise(runs)
     print(f"{'metric':12s} {'mean':>7s} {'sd':>7s}  " + " ".join(f"seed{r['seed']:<3d}" for r in runs))
     for k, v in summary.items():
         print(f"{k:12s} {v['mean']:7.4f} {v['sd']:7.4f}  " + " ".join(f"{r[k]:7.4f}" for r in runs))
-    out = HERE / "results" / f"quality-{args.profile}.json"
+    out = HERE / "results" / (args.out or f"quality-{args.profile}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(dict(profile=args.profile, runs=runs, summary=summary), indent=2))
     print(f"wrote {out}")

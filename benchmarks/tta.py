@@ -4,7 +4,7 @@
 
 Loads each registered model version, rebuilds the patient-grouped validation split of the seed its run used
 (so none of these images was trained on), and scores clean and stressed validation (the stresses of
-`recipe.py`) with each view set of `config.TTA_VIEWS` (`cxr train --tta`): the probability averaged over the
+`cxr_model.stress`) with each view set of `config.TTA_VIEWS` (`cxr train --tta`): the probability averaged over the
 image warped by each view.
 The threshold is chosen on clean validation with the run's rule, per view set, and carried to the stressed
 copies. No training, and the test split is never loaded. Writes benchmarks/results/tta.json (`--out`).
@@ -21,17 +21,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+sys.path[:0] = [str(HERE.parent)]
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from recipe import stresses  # noqa: E402
 
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import TTA_VIEWS, load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
+from cxr_model.stress import stresses  # noqa: E402
 from cxr_model.train import compile_forward  # noqa: E402
 
 VIEW_SETS = TTA_VIEWS  # name -> (scale, width:height) of each view; the choices of `cxr train --tta`
@@ -42,18 +42,23 @@ def view_forwards(model) -> dict[tuple[float, float], object]:
     return {v: compile_forward(model, views=(v,)) for v in {v for views in VIEW_SETS.values() for v in views}}
 
 
-def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
+def registered_validation(version: str, name: str, data_dir: str | None):
+    """(Keras model, run params, validation images, labels) of a registered version, on its run's own split."""
     client = MlflowClient()
-    mv = client.get_model_version(name, version)
-    run = client.get_run(mv.run_id)
-    params = run.data.params  # the run's own split and input size, whatever today's profile says
-    seed, rule = int(params["cfg/seed"]), params["cfg/threshold_rule"]
-    cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=seed,
+    params = client.get_run(client.get_model_version(name, version).run_id).data.params
+    # the run's own split and input size, whatever today's profile says
+    cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=int(params["cfg/seed"]),
                       val_fraction=float(params["cfg/val_fraction"]), image_size=int(params["cfg/image_size"]))
-    manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, seed)
+    manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
     val = manifest[manifest["split"] == "val"]  # the run's own held-out patients; test is never loaded
     xv, yv = decoded_images(val, cfg.image_size, cfg.cache_dir).take(val), val["label"].to_numpy()
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    return model, params, xv, yv
+
+
+def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
+    model, params, xv, yv = registered_validation(version, name, data_dir)
+    seed, rule = int(params["cfg/seed"]), params["cfg/threshold_rule"]
     forwards = view_forwards(model)
     clean = {v: forward(xv) for v, forward in forwards.items()}
     stressed = {stress: {v: forward(xs) for v, forward in forwards.items()} for stress, xs in stresses(xv).items()}

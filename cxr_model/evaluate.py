@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from sklearn import metrics as skm
 
-from cxr_model.config import THRESHOLD_RULES
+from cxr_model.config import CLEAN_RULES, STRESSED_RULES, THRESHOLD_RULES
 
 ALIASES = {"balanced_accuracy": "youden"}  # the same optimum under the name some readers know it by
 
-__all__ = ["THRESHOLD_RULES", "binary_metrics", "choose_threshold", "classification_report", "cross_fit_rules",
-           "margin_threshold"]
+__all__ = ["CLEAN_RULES", "STRESSED_RULES", "THRESHOLD_RULES", "binary_metrics", "choose_threshold",
+           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -33,16 +35,26 @@ def margin_threshold(y_true: np.ndarray, y_prob: np.ndarray, tail: float = 0.05)
     return float(1 / (1 + np.exp(-(upper_normal + lower_pneumonia) / 2)))
 
 
-def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin") -> float:
+def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin",
+                     stressed: Sequence[np.ndarray] = ()) -> float:
     """Pick the decision threshold on validation data.
 
     margin: the middle of the gap between the classes (see `margin_threshold`); youden: max sensitivity +
     specificity - 1; balanced_accuracy: the same optimum, kept as an alias for readers who know it by that
-    name; f1: max F1 of the PNEUMONIA class.
+    name; f1: max F1 of the PNEUMONIA class. stressed_margin and stressed_youden apply margin or youden to the
+    scores of the same images clean and under each stress in `stressed` (arrays of probabilities aligned with
+    `y_prob`, see `cxr_model.stress`), pooled: the threshold is fitted to the scanners the stresses model as
+    well as to the one validation came from. stressed_youden maximises balanced accuracy averaged over the
+    clean and stressed copies.
     """
     y_true = np.asarray(y_true).astype(int)
     if len(np.unique(y_true)) < 2:
         return 0.5  # a one-class validation set carries no information about the threshold
+    if rule in STRESSED_RULES:
+        if not len(stressed):
+            raise ValueError(f"Threshold rule {rule!r} needs the stressed validation scores (cxr_model.stress)")
+        y_prob = np.concatenate([np.asarray(y_prob), *map(np.asarray, stressed)])
+        y_true, rule = np.tile(y_true, 1 + len(stressed)), rule.removeprefix("stressed_")
     if rule == "margin":
         return margin_threshold(y_true, y_prob)
     rule = ALIASES.get(rule, rule)
@@ -58,7 +70,7 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
 
 
 def cross_fit_rules(
-    y_true: np.ndarray, y_prob: np.ndarray, rules=THRESHOLD_RULES, repeats: int = 50, seed: int = 0
+    y_true: np.ndarray, y_prob: np.ndarray, rules=CLEAN_RULES, repeats: int = 50, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """How well each rule's threshold carries over to unseen images, measured on validation alone.
 
@@ -86,6 +98,49 @@ def cross_fit_rules(
             logits[rule].append(float(_logit(np.array([t]))[0]))
     return {r: {"balanced_accuracy": float(np.mean(scores[ALIASES.get(r, r)])),
                 "threshold_logit_sd": float(np.std(logits[ALIASES.get(r, r)]))} for r in rules}
+
+
+def cross_fit_stressed(
+    y_true: np.ndarray, y_prob: np.ndarray, stressed: Mapping[str, np.ndarray],
+    rules: Sequence[str] = ("margin", "youden", *STRESSED_RULES), repeats: int = 20, seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """How each rule's threshold carries over to unseen images under a shift it was not fitted to.
+
+    Validation alone: split it into stratified halves `repeats` times; for every stress in turn, fit each rule
+    on one half (the stressed_ rules on the clean scores and every *other* stress) and score the other half
+    under the held-out stress, and clean. Returns per rule the mean over repeats and held-out stresses of
+    balanced accuracy, sensitivity and specificity, the worst stress's mean balanced accuracy, and the clean
+    held-out balanced accuracy.
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    y_true, y_prob = np.asarray(y_true).astype(int), np.asarray(y_prob)
+    stressed = {k: np.asarray(v) for k, v in stressed.items()}
+    if min(np.bincount(y_true, minlength=2)) < 4 or len(stressed) < 2:
+        return {}
+
+    def scores(y, p, t):
+        predicted = p >= t
+        sens, spec = predicted[y == 1].mean(), (~predicted[y == 0]).mean()
+        return (sens + spec) / 2, sens, spec
+
+    folds = RepeatedStratifiedKFold(n_splits=2, n_repeats=repeats, random_state=seed)
+    rows: dict[str, dict[str, list]] = {r: {"ba": [], "sens": [], "spec": [], "clean": []} for r in rules}
+    per_stress: dict[str, dict[str, list]] = {r: {s: [] for s in stressed} for r in rules}
+    for fit, held in folds.split(y_prob, y_true):
+        for out in stressed:
+            others = [p[fit] for s, p in stressed.items() if s != out]
+            for rule in rules:
+                t = choose_threshold(y_true[fit], y_prob[fit], rule, others)
+                ba, sens, spec = scores(y_true[held], stressed[out][held], t)
+                for key, value in (("ba", ba), ("sens", sens), ("spec", spec),
+                                   ("clean", scores(y_true[held], y_prob[held], t)[0])):
+                    rows[rule][key].append(value)
+                per_stress[rule][out].append(ba)
+    return {r: {"stressed_balanced_accuracy": float(np.mean(v["ba"])),
+                "stressed_sensitivity": float(np.mean(v["sens"])), "stressed_specificity": float(np.mean(v["spec"])),
+                "worst_stress_balanced_accuracy": float(min(np.mean(b) for b in per_stress[r].values())),
+                "clean_balanced_accuracy": float(np.mean(v["clean"]))} for r, v in rows.items()}
 
 
 def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:

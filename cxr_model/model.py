@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import keras
 import tensorflow as tf
@@ -18,7 +19,8 @@ class ConvNetConfig:
     max_filters: int = 256
     convs_per_block: int = 1  # 3x3 conv + BN + ReLU repeats inside a block
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
-    dropout: float = 0.3  # after global average pooling
+    head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
+    dropout: float = 0.3  # after the pooling / flatten
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
     label_smoothing: float = 0.0
@@ -56,7 +58,9 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
             x = _conv_bn_relu(x, width, name=f"block{b + 1}_{c + 1}")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
             x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
-    x = layers.GlobalAveragePooling2D(name="gap")(x)  # (B, C)
+    # flatten: the dense layer sees where in the frame each feature is (B, H*W*C); gap: only how much (B, C)
+    pool = layers.Flatten(name="flatten") if cfg.head == "flatten" else layers.GlobalAveragePooling2D(name="gap")
+    x = pool(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
     if cfg.dense_units:
         x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
@@ -191,8 +195,9 @@ def count_flops(cfg: ConvNetConfig) -> int:
             flops += 2 * side * side * 9 * channels * width
             channels = width
         side = side // 2 if side >= 2 else side
+    features = channels * (side * side if cfg.head == "flatten" else 1)
     if cfg.dense_units:
-        flops += 2 * channels * cfg.dense_units + 2 * cfg.dense_units
+        flops += 2 * features * cfg.dense_units + 2 * cfg.dense_units
     else:
-        flops += 2 * channels
+        flops += 2 * features
     return flops

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import keras
@@ -55,6 +56,36 @@ def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
     ]
 
 
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training before an epoch that would not finish within `seconds` of the start of training.
+
+    An epoch is assumed to take as long as the longest one so far. With EarlyStopping(restore_best_weights=True)
+    the model still ends on its best epoch. `stopped_early` tells whether the budget, not the epoch count, ended
+    training.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        if seconds <= 0:
+            raise ValueError(f"TimeBudget needs a positive number of seconds, got {seconds}")
+        self.seconds, self.clock = float(seconds), clock
+        self.stopped_early = False
+
+    def on_train_begin(self, logs=None):
+        self.started = self.epoch_started = self.clock()
+        self.longest, self.stopped_early = 0.0, False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = self.clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self.clock()
+        self.longest = max(self.longest, now - self.epoch_started)
+        if now - self.started + self.longest > self.seconds:
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
 def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                     y_val: np.ndarray) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """(train, validation) pipelines of a run: train shuffled and augmented (if enabled), validation as is."""
@@ -65,11 +96,18 @@ def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, 
 
 def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                y_val: np.ndarray, callbacks: list | tuple = (), verbose: int = 0) -> keras.callbacks.History:
-    """Train `model` the way a run does: augmentation, class weights, early stopping and LR decay on val AUC."""
+    """Train `model` the way a run does: augmentation, class weights, early stopping and LR decay on val AUC.
+
+    With `cfg.train_minutes` a `TimeBudget` ends training before an epoch that would overrun it; the returned
+    history's `stopped_by_budget` says whether it did.
+    """
     train, val = recipe_datasets(cfg, x_train, y_train, x_val, y_val)
-    return model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
-                     class_weight=class_weights(y_train) if cfg.class_weights else None,
-                     callbacks=[*training_callbacks(cfg.patience), *callbacks])
+    budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
+    history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
+                        class_weight=class_weights(y_train) if cfg.class_weights else None,
+                        callbacks=[*training_callbacks(cfg.patience), *budget, *callbacks])
+    history.stopped_by_budget = bool(budget and budget[0].stopped_early)
+    return history
 
 
 def compile_forward(model: keras.Model, batch_size: int = 64,

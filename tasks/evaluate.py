@@ -16,8 +16,15 @@ import cxr_model.model  # noqa: F401  (registers the custom layer for loading)
 from cxr_model import plots
 from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
-from cxr_model.evaluate import binary_metrics, choose_threshold, classification_report, cross_fit_rules
+from cxr_model.evaluate import (
+    binary_metrics,
+    choose_threshold,
+    classification_report,
+    cross_fit_rules,
+    cross_fit_stressed,
+)
 from cxr_model.gradcam import gradcam
+from cxr_model.stress import stresses
 from cxr_model.train import compile_forward
 from tasks.data import DataHandle, open_data
 from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
@@ -28,16 +35,35 @@ class Evaluation(BaseModel):
     threshold: float
     val: dict[str, float]
     test: dict[str, float]
+    val_stressed: dict[str, dict[str, float]] = {}  # stress -> validation metrics at the threshold
 
 
 CROSS_FIT_REPEATS = 50  # halvings of validation per threshold-rule check (2 fits each)
 
 
-def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: dict[str, dict[str, float]]) -> str:
+def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: dict[str, dict[str, float]],
+                     stressed_rules: dict[str, dict[str, float]] | None = None) -> str:
     rows = "\n".join(
         f"| {name} | {result.val.get(name, float('nan')):.4f} | {result.test[name]:.4f} |"
         for name in ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
     )
+    stress_rows = "".join(f"| {name} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.4f} |\n"
+                          for name, m in result.val_stressed.items())
+    stressed_section = (
+        "Validation under acquisition-like stresses (`cxr_model.stress`), at the threshold:\n\n"
+        f"| stress | sensitivity | specificity | ROC AUC |\n|---|---|---|---|\n{stress_rows}\n"
+        if stress_rows else ""
+    )
+    if stressed_rules:
+        stressed_section += (
+            "How each rule carries over to a stress it was not fitted to (leave one stress out, random halves "
+            "of validation):\n\n| rule | balanced accuracy | worst stress | sensitivity | specificity | clean |\n"
+            "|---|---|---|---|---|---|\n"
+            + "".join(f"| {rule} | {r['stressed_balanced_accuracy']:.4f} | {r['worst_stress_balanced_accuracy']:.4f} "
+                      f"| {r['stressed_sensitivity']:.3f} | {r['stressed_specificity']:.3f} "
+                      f"| {r['clean_balanced_accuracy']:.4f} |\n" for rule, r in stressed_rules.items())
+            + "\n"
+        )
     return (
         f"# cxr-pneumonia evaluation ({cfg.profile} profile)\n\n"
         f"Threshold **{result.threshold:.4f}**, chosen on validation by the `{cfg.threshold_rule}` rule; "
@@ -49,8 +75,8 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: d
         "| rule | held-out balanced accuracy | threshold sd (logit) |\n|---|---|---|\n"
         + "".join(f"| {rule} | {row['balanced_accuracy']:.4f} | {row['threshold_logit_sd']:.3f} |\n"
                   for rule, row in rules.items())
-        + "\n"
-        f"Reference: the from-scratch notebook reached test accuracy 0.8894.\n\n"
+        + "\n" + stressed_section
+        + f"Reference: the from-scratch notebook reached test accuracy 0.8894.\n\n"
         f"```\n{report}\n```\n"
     )
 
@@ -77,18 +103,27 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     val, test = (manifest[manifest["split"] == s] for s in ("val", "test"))
     y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
     predict = compile_forward(model, views=cfg.views)  # traced once for both splits
-    p_val = predict(images.take(val))
-    threshold = choose_threshold(y_val, p_val, cfg.threshold_rule)  # fixed before test is read
-    # how each rule's threshold carries over, on validation alone
+    x_val = images.take(val)
+    p_val = predict(x_val)
+    p_stressed = {name: predict(x) for name, x in stresses(x_val).items()}
+    # fixed before test is read
+    threshold = choose_threshold(y_val, p_val, cfg.threshold_rule, list(p_stressed.values()))
+    # how each rule's threshold carries over, on validation alone: to other images, and to an unseen stress
     rules = cross_fit_rules(y_val, p_val, repeats=CROSS_FIT_REPEATS, seed=cfg.seed)
+    stressed_rules = cross_fit_stressed(y_val, p_val, p_stressed, seed=cfg.seed)
     p_test = predict(images.take(test))
     result = Evaluation(threshold=threshold, val=binary_metrics(y_val, p_val, threshold),
-                        test=binary_metrics(y_test, p_test, threshold))
+                        test=binary_metrics(y_test, p_test, threshold),
+                        val_stressed={k: binary_metrics(y_val, p, threshold) for k, p in p_stressed.items()})
     report = classification_report(y_test, p_test, threshold)
-    summary = summary_markdown(cfg, result, report, rules)
+    summary = summary_markdown(cfg, result, report, rules, stressed_rules)
     with in_run(run_id):
         mlflow.log_metrics({f"val/final_{k}": v for k, v in result.val.items()})
+        mlflow.log_metrics({f"val/stressed/{stress}_{k}": m[k] for stress, m in result.val_stressed.items()
+                            for k in ("sensitivity", "specificity", "roc_auc")})
         mlflow.log_metrics({f"val/threshold_cv/{rule}_{k}": v for rule, row in rules.items() for k, v in row.items()})
+        mlflow.log_metrics({f"val/threshold_stress_cv/{rule}_{k}": v for rule, row in stressed_rules.items()
+                            for k, v in row.items()})
         mlflow.log_metrics({f"test/{k}": v for k, v in result.test.items()})
         mlflow.log_metric("test_accuracy", result.test["accuracy"])  # the reference notebook's headline
         figures = {

@@ -45,6 +45,7 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
         seconds = time.perf_counter() - started
         epochs = len(history.history["loss"])
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
+                            "train/stopped_by_budget": float(history.stopped_by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
         log_figure(plots.learning_curves(history.history), "plots/learning_curves.png")
     out = cfg.output_dir / run_id

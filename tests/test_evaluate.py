@@ -10,6 +10,7 @@ from cxr_model.evaluate import (
     choose_threshold,
     classification_report,
     cross_fit_rules,
+    cross_fit_stressed,
     margin_threshold,
 )
 
@@ -84,3 +85,38 @@ def test_cross_fit_rules_scores_every_rule_on_held_out_halves() -> None:
     for row in table.values():
         assert 0.75 < row["balanced_accuracy"] < 1.0 and row["threshold_logit_sd"] > 0
     assert cross_fit_rules(np.array([0, 1, 1, 1, 1]), np.linspace(0.1, 0.9, 5)) == {}  # too few to split
+
+
+def _shifted_normals(seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Separable clean scores, and stresses that push NORMAL scores up by different amounts (logit units)."""
+    rng = np.random.default_rng(seed)
+    y = np.array([0] * 80 + [1] * 220)
+    z = np.where(y == 1, 2.5, -2.5) + rng.normal(0, 0.8, len(y))
+    stressed = {f"s{k}": _sigmoid(z + np.where(y == 0, shift, 0.0) + rng.normal(0, 0.3, len(y)))
+                for k, shift in enumerate((0.5, 1.0, 1.5, 2.0, 2.5))}
+    return y, _sigmoid(z), stressed
+
+
+def test_stressed_rules_fit_the_pooled_clean_and_stressed_scores() -> None:
+    y, p, stressed = _shifted_normals()
+    copies = list(stressed.values())
+    pooled_y, pooled_p = np.tile(y, 1 + len(copies)), np.concatenate([p, *copies])
+    assert choose_threshold(y, p, "stressed_margin", copies) == pytest.approx(margin_threshold(pooled_y, pooled_p))
+    assert choose_threshold(y, p, "stressed_youden", copies) == pytest.approx(choose_threshold(pooled_y, pooled_p,
+                                                                                               "youden"))
+    # normals drift towards PNEUMONIA under stress, so the threshold fitted to the stresses sits higher
+    assert choose_threshold(y, p, "stressed_margin", copies) > choose_threshold(y, p, "margin") + 0.05
+    with pytest.raises(ValueError, match="stressed validation scores"):
+        choose_threshold(y, p, "stressed_margin")
+
+
+def test_cross_fit_stressed_scores_each_rule_on_a_stress_it_did_not_see() -> None:
+    y, p, stressed = _shifted_normals(1)
+    table = cross_fit_stressed(y, p, stressed, repeats=4)
+    assert set(table) == {"margin", "youden", "stressed_margin", "stressed_youden"}
+    for row in table.values():
+        assert 0.5 < row["worst_stress_balanced_accuracy"] <= row["stressed_balanced_accuracy"] <= 1.0
+        assert 0.9 < row["clean_balanced_accuracy"] <= 1.0
+    # fitted to the other stresses, the threshold keeps more of the held-out stress's normals
+    assert table["stressed_margin"]["stressed_specificity"] > table["margin"]["stressed_specificity"] + 0.05
+    assert cross_fit_stressed(y, p, {"only": p}) == {}  # one stress leaves nothing to fit on when it is held out

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from cxr_model.stress import STRESSES
 from tests.conftest import REPO, FlowRun, run_cxr_train
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,9 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert metrics["test_accuracy"] == metrics["test/accuracy"]
     assert {f"test/{m}" for m in TEST_METRICS} <= set(metrics)
     assert metrics["test/threshold"] == metrics["val/final_threshold"]
-    assert params["cfg/threshold_rule"] == "margin"
+    assert params["cfg/threshold_rule"] == "stressed_margin"
+    # validation under every stress, scored at the chosen threshold
+    assert {f"val/stressed/{s}_specificity" for s in STRESSES} <= set(metrics)
     assert 0.0 <= metrics["val/threshold_cv/margin_balanced_accuracy"] <= 1.0  # every rule cross-fitted on val
     assert "val/threshold_cv/youden_threshold_logit_sd" in metrics
     assert len(client.get_metric_history(parent.info.run_id, "val/auc")) >= 1  # per-epoch training curve
