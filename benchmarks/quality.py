@@ -33,11 +33,16 @@ def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) ->
                "--experiment-name", f"cxr-quality-{profile}", "--model-name", "cxr-pneumonia-bench",
                "--result-json", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=HERE.parent)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS, not this script's
+        with subprocess.Popen(cmd, cwd=HERE.parent) as proc:  # killed with this script on Ctrl-C
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS, not this script's
+            except BaseException:
+                proc.kill()
+                raise
+            proc.returncode = os.waitstatus_to_exitcode(status)
         minutes = (time.perf_counter() - started) / 60
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
         result = json.loads(out.read_text())
     return dict(seed=seed, minutes=minutes, peak_memory_gib=usage.ru_maxrss / 2**20, run_id=result["run_id"],
                 threshold=result["threshold"], **{m: result["test"][m] for m in METRICS})

@@ -33,6 +33,7 @@ from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, count_flops  # noqa: E402
+from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward, fit_recipe, make_dataset  # noqa: E402
 
 # The project's recipe under test: the default profile's training on a fixed architecture from its search space.
@@ -99,7 +100,8 @@ def train_project(splits, seed: int) -> dict:
     history = fit_recipe(model, cfg, xt, yt, xv, yv)
     seconds = time.perf_counter() - started
     predict = compile_forward(model, views=cfg.views)  # the recipe's test-time views
-    threshold = choose_threshold(yv, predict(xv), cfg.threshold_rule)  # fixed before test is read
+    # fixed before test is read (stressed validation for the stressed_ rules)
+    threshold = choose_threshold(yv, predict(xv), cfg.threshold_rule, list(stressed_scores(predict, xv).values()))
     metrics = binary_metrics(ys, predict(xs), threshold)
     return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)
 

@@ -26,18 +26,18 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from tta import registered_validation  # noqa: E402
 
 from cxr_model.config import TTA_VIEWS, TrainConfig  # noqa: E402
-from cxr_model.evaluate import choose_threshold, cross_fit_stressed  # noqa: E402
-from cxr_model.stress import stresses  # noqa: E402
+from cxr_model.evaluate import STRESS_CV_RULES, choose_threshold, cross_fit_stressed  # noqa: E402
+from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward  # noqa: E402
 
-RULES = ("margin", "youden", "stressed_margin", "stressed_youden")
+RULES = STRESS_CV_RULES  # margin, youden, stressed_margin, stressed_youden
 
 
 def probe(version: str, name: str, data_dir: str | None, views: str) -> dict:
     model, params, xv, yv = registered_validation(version, name, data_dir)
     predict = compile_forward(model, views=TTA_VIEWS[views])
     p = predict(xv)
-    stressed = {k: predict(x) for k, x in stresses(xv).items()}
+    stressed = stressed_scores(predict, xv)
     thresholds = {r: choose_threshold(yv, p, r, list(stressed.values())) for r in RULES}
     result = dict(version=version, seed=int(params["cfg/seed"]), views=views, thresholds=thresholds,
                   rules=cross_fit_stressed(yv, p, stressed, RULES, seed=int(params["cfg/seed"])))

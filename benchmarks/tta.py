@@ -7,7 +7,8 @@ Loads each registered model version, rebuilds the patient-grouped validation spl
 `cxr_model.stress`) with each view set of `config.TTA_VIEWS` (`cxr train --tta`): the probability averaged over the
 image warped by each view.
 The threshold is chosen on clean validation with the run's rule, per view set, and carried to the stressed
-copies. No training, and the test split is never loaded. Writes benchmarks/results/tta.json (`--out`).
+copies (a run with a stressed_ rule fits it to those copies too, so compare view sets under one rule).
+No training, and the test split is never loaded. Writes benchmarks/results/tta.json (`--out`).
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def registered_validation(version: str, name: str, data_dir: str | None):
 def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
     model, params, xv, yv = registered_validation(version, name, data_dir)
     seed, rule = int(params["cfg/seed"]), params["cfg/threshold_rule"]
+    clean_rule = rule.removeprefix("stressed_")  # the clean cross-fit of the rule a stressed_ rule is built on
     forwards = view_forwards(model)
     clean = {v: forward(xv) for v, forward in forwards.items()}
     stressed = {stress: {v: forward(xs) for v, forward in forwards.items()} for stress, xs in stresses(xv).items()}
     results = []
     for set_name, views in VIEW_SETS.items():
         p = np.mean([clean[v] for v in views], axis=0)
-        t = choose_threshold(yv, p, rule)
+        t = choose_threshold(yv, p, rule, [np.mean([scores[v] for v in views], axis=0) for scores in stressed.values()])
         cells = {}
         for stress, scores in stressed.items():
             m = binary_metrics(yv, np.mean([scores[v] for v in views], axis=0), t)
@@ -73,7 +75,8 @@ def probe(version: str, name: str, data_dir: str | None) -> list[dict]:
                                  balanced_accuracy=(m["sensitivity"] + m["specificity"]) / 2)
         results.append(dict(version=version, seed=seed, rule=rule, views=set_name, n_views=len(views), threshold=t,
                             val_auc=binary_metrics(yv, p, t)["roc_auc"],
-                            cross_fit=cross_fit_rules(yv, p)[rule]["balanced_accuracy"], stressed=cells))
+                            cross_fit=cross_fit_rules(yv, p, rules=(clean_rule,))[clean_rule]["balanced_accuracy"],
+                            stressed=cells))
         print(json.dumps(results[-1]), flush=True)
     return results
 

@@ -73,7 +73,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(12, ge=1)  # upper bound; early stopping on validation decides
     batch_size: int = Field(32, ge=1)
     patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
-    train_minutes: float | None = Field(None, gt=0)  # wall-time budget of the final training; None = no limit
+    train_minutes: float | None = Field(None, ge=0)  # wall-time budget of the final training; None or 0 = no limit
     augment: bool = True
     # augmentation ranges (AUGMENTATION_FIELDS; each is a `cxr train` flag with its description as help).
     # Wide geometric ranges on purpose: without them the score follows how large and how wide the chest sits in

@@ -12,7 +12,7 @@ from cxr_model.config import CLEAN_RULES, STRESSED_RULES, THRESHOLD_RULES
 ALIASES = {"balanced_accuracy": "youden"}  # the same optimum under the name some readers know it by
 
 __all__ = ["CLEAN_RULES", "STRESSED_RULES", "THRESHOLD_RULES", "binary_metrics", "choose_threshold",
-           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold"]
+           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold", "STRESS_CV_RULES"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -53,6 +53,9 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
     if rule in STRESSED_RULES:
         if not len(stressed):
             raise ValueError(f"Threshold rule {rule!r} needs the stressed validation scores (cxr_model.stress)")
+        if any(len(p) != len(y_prob) for p in stressed):
+            raise ValueError(f"Each stressed copy needs one score per validation image ({len(y_prob)}), got "
+                             f"{[len(p) for p in stressed]}")
         y_prob = np.concatenate([np.asarray(y_prob), *map(np.asarray, stressed)])
         y_true, rule = np.tile(y_true, 1 + len(stressed)), rule.removeprefix("stressed_")
     if rule == "margin":
@@ -91,18 +94,25 @@ def cross_fit_rules(
         y_held, p_held = y_true[held], y_prob[held]
         for rule in fitted:
             t = choose_threshold(y_true[fit], y_prob[fit], rule)
-            predicted = p_held >= t
-            sensitivity = predicted[y_held == 1].mean()
-            specificity = (~predicted[y_held == 0]).mean()
-            scores[rule].append((sensitivity + specificity) / 2)
+            scores[rule].append(_rates(y_held, p_held, t)[0])
             logits[rule].append(float(_logit(np.array([t]))[0]))
     return {r: {"balanced_accuracy": float(np.mean(scores[ALIASES.get(r, r)])),
                 "threshold_logit_sd": float(np.std(logits[ALIASES.get(r, r)]))} for r in rules}
 
 
+def _rates(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """(balanced accuracy, sensitivity, specificity) at `threshold`; both classes must be present."""
+    predicted = y_prob >= threshold
+    sensitivity, specificity = predicted[y_true == 1].mean(), (~predicted[y_true == 0]).mean()
+    return (sensitivity + specificity) / 2, sensitivity, specificity
+
+
+STRESS_CV_RULES = ("margin", "youden", *STRESSED_RULES)  # the rules `cross_fit_stressed` compares by default
+
+
 def cross_fit_stressed(
     y_true: np.ndarray, y_prob: np.ndarray, stressed: Mapping[str, np.ndarray],
-    rules: Sequence[str] = ("margin", "youden", *STRESSED_RULES), repeats: int = 20, seed: int = 0,
+    rules: Sequence[str] = STRESS_CV_RULES, repeats: int = 20, seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """How each rule's threshold carries over to unseen images under a shift it was not fitted to.
 
@@ -119,22 +129,19 @@ def cross_fit_stressed(
     if min(np.bincount(y_true, minlength=2)) < 4 or len(stressed) < 2:
         return {}
 
-    def scores(y, p, t):
-        predicted = p >= t
-        sens, spec = predicted[y == 1].mean(), (~predicted[y == 0]).mean()
-        return (sens + spec) / 2, sens, spec
-
     folds = RepeatedStratifiedKFold(n_splits=2, n_repeats=repeats, random_state=seed)
     rows: dict[str, dict[str, list]] = {r: {"ba": [], "sens": [], "spec": [], "clean": []} for r in rules}
     per_stress: dict[str, dict[str, list]] = {r: {s: [] for s in stressed} for r in rules}
     for fit, held in folds.split(y_prob, y_true):
+        # a clean rule does not see the stresses: one fit per halving serves every held-out stress
+        clean = {r: choose_threshold(y_true[fit], y_prob[fit], r) for r in rules if r not in STRESSED_RULES}
         for out in stressed:
             others = [p[fit] for s, p in stressed.items() if s != out]
             for rule in rules:
-                t = choose_threshold(y_true[fit], y_prob[fit], rule, others)
-                ba, sens, spec = scores(y_true[held], stressed[out][held], t)
+                t = clean[rule] if rule in clean else choose_threshold(y_true[fit], y_prob[fit], rule, others)
+                ba, sens, spec = _rates(y_true[held], stressed[out][held], t)
                 for key, value in (("ba", ba), ("sens", sens), ("spec", spec),
-                                   ("clean", scores(y_true[held], y_prob[held], t)[0])):
+                                   ("clean", _rates(y_true[held], y_prob[held], t)[0])):
                     rows[rule][key].append(value)
                 per_stress[rule][out].append(ba)
     return {r: {"stressed_balanced_accuracy": float(np.mean(v["ba"])),

@@ -4,10 +4,13 @@ Validation carved from train is nearly separable (ROC AUC ~0.99), so it says lit
 images acquired elsewhere. These copies model that: a brighter and a darker exposure curve, blur from half the
 native resolution, a 20% wider field of view, sensor noise, and a chest 20% narrower or broader, as a scan of
 another shape gives once squashed to a square. They are used to compare recipes (benchmarks/recipe.py), view
-sets (benchmarks/tta.py) and threshold rules, and by the `stressed` threshold rule of a run; never on test.
+sets (benchmarks/tta.py) and threshold rules (benchmarks/threshold.py), and by the stressed_ threshold rules
+of a run; never on test.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -32,3 +35,8 @@ def stresses(x: np.ndarray) -> dict[str, np.ndarray]:
            "wider_view": wide.numpy(), "noise": f + noise, "narrower": slim.numpy(), "broader": broad.numpy()}
     assert tuple(out) == STRESSES
     return {k: np.clip(np.rint(v * 255), 0, 255).astype(np.uint8) for k, v in out.items()}
+
+
+def stressed_scores(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> dict[str, np.ndarray]:
+    """`predict` (uint8 images -> probabilities) over each stressed copy of `x`, keyed by `STRESSES`."""
+    return {name: predict(images) for name, images in stresses(x).items()}

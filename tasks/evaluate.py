@@ -24,7 +24,7 @@ from cxr_model.evaluate import (
     cross_fit_stressed,
 )
 from cxr_model.gradcam import gradcam
-from cxr_model.stress import stresses
+from cxr_model.stress import stressed_scores
 from cxr_model.train import compile_forward
 from tasks.data import DataHandle, open_data
 from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
@@ -105,7 +105,7 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     predict = compile_forward(model, views=cfg.views)  # traced once for both splits
     x_val = images.take(val)
     p_val = predict(x_val)
-    p_stressed = {name: predict(x) for name, x in stresses(x_val).items()}
+    p_stressed = stressed_scores(predict, x_val)
     # fixed before test is read
     threshold = choose_threshold(y_val, p_val, cfg.threshold_rule, list(p_stressed.values()))
     # how each rule's threshold carries over, on validation alone: to other images, and to an unseen stress

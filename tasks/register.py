@@ -59,8 +59,10 @@ def champion_score(client: MlflowClient, name: str) -> float | None:
 
 def score_basis(cfg: TrainConfig, data_digest: str) -> str:
     """What a version's validation score measured: scores on different bases are not compared."""
+    # a metric read at the threshold (f1, accuracy) also depends on the rule that chose it
+    rule = f", threshold rule {cfg.threshold_rule}" if cfg.champion_metric in ("f1", "accuracy") else ""
     return (f"{cfg.champion_metric} on validation (data {data_digest[:12]}, split seed {cfg.seed}, "
-            f"fraction {cfg.val_fraction}, test-time views {cfg.tta})")
+            f"fraction {cfg.val_fraction}, test-time views {cfg.tta}{rule})")
 
 
 def assign_alias(client: MlflowClient, name: str, version: str, score: float,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_model.stress import STRESSES, stresses
+from cxr_model.stress import STRESSES, stressed_scores, stresses
 
 
 def test_every_stress_keeps_shape_and_type_and_changes_the_image() -> None:
@@ -25,3 +25,11 @@ def test_stresses_move_exposure_detail_and_shape_the_right_way() -> None:
     assert (out["wider_view"][0, 0] == 0).all() and (out["wider_view"][0, 20, 20] > 0).all()  # black frame
     assert (out["narrower"][0, :, :3] == 0).all() and (out["narrower"][0, :, 20] > 0).all()  # bars at the sides
     assert (out["broader"] > 0).all()  # cropped at the sides, so no border
+
+
+def test_stressed_scores_predict_each_copy() -> None:
+    x = np.random.default_rng(1).integers(0, 255, (4, 24, 24, 1)).astype("uint8")
+    scores = stressed_scores(lambda images: images.mean(axis=(1, 2, 3)) / 255, x)
+    assert tuple(scores) == STRESSES
+    for name, copy in stresses(x).items():
+        np.testing.assert_allclose(scores[name], copy.mean(axis=(1, 2, 3)) / 255)
