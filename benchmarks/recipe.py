@@ -69,6 +69,13 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # abdomen as much as in the lungs; a flatten head (the reference's) lets the dense layer weigh it by place
     "geometry+flatten": (dict(head="flatten"),
                          dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    # softer targets: a model that is never pushed to p = 0 or 1 may drift less far when the scanner changes
+    "geometry+smooth": (dict(label_smoothing=0.1),
+                        dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    # no class weights: the ~3:1 imbalance is left to the threshold (a NORMAL image weighs as much as a PNEUMONIA
+    # one, not ~2.9x as much)
+    "geometry-class-weights": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
+                                        resolution=0.0, class_weights=False)),
 }
 
 
