@@ -39,7 +39,7 @@ from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import CLEAN_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
-from cxr_model.stress import stresses  # noqa: E402
+from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
@@ -91,7 +91,7 @@ def run(name: str, seed: int, splits) -> dict:
     predict = compile_forward(model)
     p_val = predict(xv)
     thresholds = {rule: choose_threshold(yv, p_val, rule) for rule in CLEAN_RULES}
-    p_stressed = {stress: predict(xs) for stress, xs in stresses(xv).items()}  # scored once, read by every rule
+    p_stressed = stressed_scores(predict, xv)  # scored once, read by every rule
     result = dict(recipe=name, seed=seed, augmentation=cfg.augmentation_params(), model_overrides=model_over,
                   minutes=minutes, epochs=len(history.history["loss"]),
                   thresholds=thresholds, val_auc=binary_metrics(yv, p_val, 0.5)["roc_auc"],

@@ -51,10 +51,14 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
+def _recorded_score(version) -> float | None:
+    """The validation score tagged on a model version (NaN if it has none), or None for no version."""
+    return None if version is None else float(version.tags.get(SCORE_TAG, "nan"))
+
+
 def champion_score(client: MlflowClient, name: str) -> float | None:
     """The validation score recorded on the current champion, or None if no champion exists."""
-    champion = _champion(client, name)
-    return None if champion is None else float(champion.tags.get(SCORE_TAG, "nan"))
+    return _recorded_score(_champion(client, name))
 
 
 def score_basis(cfg: TrainConfig, data_digest: str) -> str:
@@ -74,7 +78,7 @@ def assign_alias(client: MlflowClient, name: str, version: str, score: float,
     person's call (`MlflowClient().set_registered_model_alias`).
     """
     champion = _champion(client, name)  # one registry read for both the score and its basis
-    current = None if champion is None else float(champion.tags.get(SCORE_TAG, "nan"))
+    current = _recorded_score(champion)
     comparable = champion is None or champion.tags.get(BASIS_TAG, "") == basis
     alias = CHAMPION if comparable and should_promote(score, current) else CHALLENGER
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
