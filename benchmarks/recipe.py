@@ -79,6 +79,18 @@ RECIPES: dict[str, tuple[dict, dict]] = {
 }
 
 
+def train_and_validation(data_dir: str | None) -> dict[str, tuple]:
+    """{"train": (images, labels), "val": (images, labels)} of the default profile's patient-grouped split.
+
+    The test split is dropped before anything is decoded: these probes never load it.
+    """
+    cfg = load_config("default", data_dir=data_dir)
+    manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
+    manifest = manifest[manifest["split"] != "test"]  # never loaded, never scored
+    images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
+    return {s: (images.take(part), part["label"].to_numpy()) for s, part in manifest.groupby("split")}
+
+
 def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
     cfg = load_config("default", seed=seed, train_minutes=0, **train_over)  # no time budget: every recipe's 12 epochs
@@ -111,11 +123,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     args = parser.parse_args()
-    cfg = load_config("default", data_dir=args.data_dir)
-    manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
-    manifest = manifest[manifest["split"] != "test"]  # never loaded, never scored
-    images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
-    splits = {s: (images.take(part), part["label"].to_numpy()) for s, part in manifest.groupby("split")}
+    splits = train_and_validation(args.data_dir)
     results = []
     for name in args.recipes:
         for seed in range(args.seeds):

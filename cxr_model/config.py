@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
     train_minutes: float | None = Field(None, ge=0)  # wall-time budget of the final training; None or 0 = no limit
+    snapshots: int = Field(1, ge=1)  # the model averages the predictions of this many best epochs (by val AUC)
     augment: bool = True
     # augmentation ranges (AUGMENTATION_FIELDS; each is a `cxr train` flag with its description as help).
     # Wide geometric ranges on purpose: without them the score follows how large and how wide the chest sits in
@@ -149,9 +150,9 @@ AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "resolution"
                        "noise")
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # a few dozen images, 1-2 trials, 1 epoch: for tests and a first look
+    # a few dozen images, 2 trials of 1 epoch, 2 epochs averaged: for tests and a first look
     "smoke": dict(
-        image_size=64, max_per_class=16, max_trials=2, search_epochs=1, epochs=1,
+        image_size=64, max_per_class=16, max_trials=2, search_epochs=1, epochs=2, snapshots=2,
         batch_size=16, patience=1, val_fraction=0.25,
     ),
     # the README's main job: whole dataset and a real search in about 20 minutes on 2 CPU cores

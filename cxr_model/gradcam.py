@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_model.model import ensemble_members
+
 
 def last_feature_layer(model: keras.Model) -> str:
     """Name of the last non-pooling layer with a spatial (B, H, W, C) output: the finest late features."""
@@ -18,7 +20,19 @@ def last_feature_layer(model: keras.Model) -> str:
 
 
 def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = None) -> np.ndarray:
-    """Heatmaps (N, S, S) in [0, 1] for raw (N, S, S, 1) images, upsampled to the input size."""
+    """Heatmaps (N, S, S) in [0, 1] for raw (N, S, S, 1) images, upsampled to the input size.
+
+    For a snapshot ensemble (`cxr_model.model.snapshot_ensemble`) the map is the mean of its members' maps: the
+    ensemble's score is their mean, so each member's evidence counts the same, and where they disagree the map
+    is fainter.
+    """
+    members = ensemble_members(model)
+    if len(members) > 1:
+        return np.mean([_gradcam(m, images, layer_name) for m in members], axis=0)
+    return _gradcam(model, images, layer_name)
+
+
+def _gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = None) -> np.ndarray:
     layer = model.get_layer(layer_name or last_feature_layer(model))
     probe = keras.Model(model.inputs, [layer.output, model.outputs[0]])
     x = tf.convert_to_tensor(np.asarray(images, dtype="float32"))

@@ -47,8 +47,8 @@ def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = ""):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_convnet(cfg: ConvNetConfig) -> keras.Model:
-    """Compiled binary classifier; preprocessing (standardization) lives inside the model."""
+def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool = True) -> keras.Model:
+    """Binary classifier, compiled for training unless `compile=False`; preprocessing lives inside the model."""
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
     x = PerImageStandardization(name="standardize")(inputs)
     x = _conv_bn_relu(x, max(cfg.filters // 2, 8), strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
@@ -66,7 +66,9 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
         x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
         x = layers.Dropout(cfg.dropout / 2, name="dense_dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)  # (B, 1) probability
-    model = keras.Model(inputs, outputs, name="cxr_convnet")
+    model = keras.Model(inputs, outputs, name=name)
+    if not compile:
+        return model
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -78,6 +80,35 @@ def build_convnet(cfg: ConvNetConfig) -> keras.Model:
         ],
     )
     return model
+
+
+def snapshot_ensemble(cfg: ConvNetConfig, weights: list[list]) -> keras.Model:
+    """One model whose probability is the mean over copies of the convnet, one per set of `weights`.
+
+    With a single set it is the plain convnet with those weights. Several sets (the best epochs of one training
+    run, `cxr_model.train.BestSnapshots`) become sub-models `snapshot1`, `snapshot2`, ... of one functional model,
+    so evaluation, test-time views, Grad-CAM and serving take it as they take a convnet.
+    """
+    if not weights:
+        raise ValueError("snapshot_ensemble needs at least one set of weights")
+    if len(weights) == 1:
+        model = build_convnet(cfg)
+        model.set_weights(weights[0])
+        return model
+    members = []
+    for i, w in enumerate(weights, start=1):
+        member = build_convnet(cfg, name=f"snapshot{i}", compile=False)  # inference only: no optimizer to save
+        member.set_weights(w)
+        members.append(member)
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
+    outputs = layers.Average(name="pneumonia")([member(inputs) for member in members])  # (B, 1)
+    return keras.Model(inputs, outputs, name="cxr_snapshot_ensemble")
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The convnets a `snapshot_ensemble` averages; [model] for a plain convnet."""
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return members or [model]
 
 
 def affine_transforms(angle, sx, sy, dx, dy, cx, cy):

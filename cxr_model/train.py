@@ -86,6 +86,40 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class BestSnapshots(keras.callbacks.Callback):
+    """Keeps the weights of the `k` epochs with the highest `monitor` (validation AUC), best first.
+
+    Their predictions, averaged, are the run's model when `k` > 1 (`cxr_model.model.snapshot_ensemble`): epochs
+    of one training run disagree on images far from the training data, and averaging them costs no training.
+    """
+
+    def __init__(self, k: int, monitor: str = "val_auc"):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"BestSnapshots keeps at least one epoch, got k={k}")
+        self.k, self.monitor = k, monitor
+        self.kept: list[tuple[float, int, list[np.ndarray]]] = []  # (score, epoch, weights), best first
+
+    def on_train_begin(self, logs=None):
+        self.kept = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = (logs or {}).get(self.monitor)
+        if score is None or not np.isfinite(score):
+            return
+        self.kept.append((float(score), epoch, self.model.get_weights()))
+        self.kept = sorted(self.kept, key=lambda row: -row[0])[: self.k]  # stable: the earlier epoch wins a tie
+
+    @property
+    def weights(self) -> list[list[np.ndarray]]:
+        return [w for _, _, w in self.kept]
+
+    @property
+    def epochs(self) -> list[int]:
+        """1-based epochs of the kept snapshots, best first."""
+        return [e + 1 for _, e, _ in self.kept]
+
+
 def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                     y_val: np.ndarray) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """(train, validation) pipelines of a run: train shuffled and augmented (if enabled), validation as is."""
@@ -99,14 +133,17 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
     """Train `model` the way a run does: augmentation, class weights, early stopping and LR decay on val AUC.
 
     With `cfg.train_minutes` a `TimeBudget` ends training before an epoch that would overrun it; the returned
-    history's `stopped_by_budget` says whether it did.
+    history's `stopped_by_budget` says whether it did. Its `snapshots` is a `BestSnapshots` holding the weights
+    of the `cfg.snapshots` best epochs by validation AUC (`model` itself ends on the best one).
     """
     train, val = recipe_datasets(cfg, x_train, y_train, x_val, y_val)
     budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
+    snapshots = BestSnapshots(cfg.snapshots)
     history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
                         class_weight=class_weights(y_train) if cfg.class_weights else None,
-                        callbacks=[*training_callbacks(cfg.patience), *budget, *callbacks])
+                        callbacks=[*training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
     history.stopped_by_budget = bool(budget and budget[0].stopped_early)
+    history.snapshots = snapshots
     return history
 
 

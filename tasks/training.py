@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from cxr_model import plots
 from cxr_model.config import TrainConfig
-from cxr_model.model import build_convnet, count_flops
+from cxr_model.model import build_convnet, count_flops, snapshot_ensemble
 from cxr_model.search import SearchSpace, config_from_hparams
 from cxr_model.train import fit_recipe
 from tasks.data import DataHandle, open_data
@@ -25,11 +25,12 @@ class TrainedModel(BaseModel):
     model_path: str
     convnet: dict  # ConvNetConfig fields
     epochs_trained: int
+    snapshot_epochs: list[int] = []  # the epochs whose predictions the saved model averages, best first
 
 
 @task(name="train", cache_policy=NONE)
 def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) -> TrainedModel:
-    """Fit on train, stop and reduce the learning rate on validation, save the best weights."""
+    """Fit on train, stop and reduce the learning rate on validation, save the best epochs' snapshot ensemble."""
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train, val = (manifest[manifest["split"] == s] for s in ("train", "val"))
@@ -47,9 +48,14 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
                             "train/stopped_by_budget": float(history.stopped_by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
+        snapshots = history.snapshots.epochs
+        mlflow.log_params({"train/snapshot_epochs": ",".join(map(str, snapshots))})
         log_figure(plots.learning_curves(history.history), "plots/learning_curves.png")
+    # no finite val AUC at all (a degenerate validation split): keep the weights training ended on
+    model = snapshot_ensemble(model_cfg, history.snapshots.weights or [model.get_weights()])
     out = cfg.output_dir / run_id
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"
     model.save(model_path)
-    return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs)
+    return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs,
+                        snapshot_epochs=snapshots)

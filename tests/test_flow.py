@@ -46,6 +46,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
     assert int(params["data/train_normal"]) > 0 and int(params["data/test_pneumonia"]) == 16
     assert {"best/blocks", "best/dropout", "best/learning_rate", "model/flops_per_image"} <= set(params)
+    assert len(params["train/snapshot_epochs"].split(",")) == 2  # smoke: both epochs' predictions averaged
     # metrics: the headline, every test metric, the validation-chosen threshold
     metrics = parent.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0

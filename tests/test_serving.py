@@ -332,6 +332,7 @@ def xray_files(real_subset: Path) -> list[Path]:
 @pytest.mark.integration
 def test_served_answers_equal_in_process_predictions(server: str, local_model, smoke_flow: FlowRun,
                                                      xray_files: list[Path]) -> None:
+    from cxr_model.model import ensemble_members
     from cxr_model.preprocess import decode_image
     from cxr_model.train import predict_proba
 
@@ -352,6 +353,9 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
     python_model = local_model.unwrap_python_model()
     # served with the test-time views the threshold was chosen with
     assert python_model.views == TTA_VIEWS[client.get_run(champion.run_id).data.params["cfg/tta"]]
+    # ... and it is the snapshot ensemble that run saved, one member per averaged epoch
+    snapshots = client.get_run(champion.run_id).data.params["train/snapshot_epochs"].split(",")
+    assert len(ensemble_members(python_model.model)) == len(snapshots)
     results = {}
     for name, files in variants.items():
         images = [b64(f) for f in files]

@@ -1,4 +1,4 @@
-"""Training loop pieces: the time budget of the final training and the flatten head."""
+"""Training loop pieces: the time budget, the best-epoch snapshots and their ensemble, the flatten head."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cxr_model.config import load_config
-from cxr_model.model import ConvNetConfig, build_convnet, count_flops
-from cxr_model.train import TimeBudget, fit_recipe
+from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, snapshot_ensemble
+from cxr_model.train import BestSnapshots, TimeBudget, compile_forward, fit_recipe
 
 
 def _tiny_data(n: int = 24, side: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +67,51 @@ def test_flatten_head_weighs_features_by_place() -> None:
     # the head is part of the search space's fixed settings, so every trial and the final model share it
     cfg = load_config("smoke", head="flatten")
     assert cfg.search_space_params()["fixed"]["head"] == "flatten"
+
+
+def test_best_snapshots_keeps_the_k_best_epochs() -> None:
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0))
+    keep = BestSnapshots(2)
+    keep.set_model(model)
+    keep.on_train_begin()
+    for epoch, auc in enumerate([0.90, 0.97, float("nan"), 0.95, 0.93]):
+        model.get_layer("pneumonia").bias.assign([float(epoch)])  # tags the weights with their epoch
+        keep.on_epoch_end(epoch, {"val_auc": auc})
+    assert keep.epochs == [2, 4]  # 1-based, best first; the NaN epoch is never kept
+    bias = [w[-1][0] for w in keep.weights]  # the output layer's bias is the last weight
+    assert bias == [1.0, 3.0]
+    with pytest.raises(ValueError, match="at least one"):
+        BestSnapshots(0)
+
+
+def test_snapshot_ensemble_averages_its_members(tmp_path) -> None:
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)
+    first, second = build_convnet(cfg), build_convnet(cfg)
+    second.get_layer("pneumonia").bias.assign([2.0])  # a different model, not a copy
+    x, _ = _tiny_data(6)
+    p1, p2 = (m.predict(x.astype("float32"), verbose=0)[:, 0] for m in (first, second))
+    assert not np.allclose(p1, p2)
+
+    ensemble = snapshot_ensemble(cfg, [first.get_weights(), second.get_weights()])
+    assert [m.name for m in ensemble_members(ensemble)] == ["snapshot1", "snapshot2"]
+    np.testing.assert_allclose(compile_forward(ensemble)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
+    # what the flow saves and serving loads
+    ensemble.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(compile_forward(loaded)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
+
+    single = snapshot_ensemble(cfg, [second.get_weights()])  # one snapshot: the plain convnet
+    assert single.name == "cxr_convnet" and ensemble_members(single) == [single]
+    np.testing.assert_allclose(compile_forward(single)(x), p2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        snapshot_ensemble(cfg, [])
+
+
+def test_fit_recipe_returns_the_best_epochs() -> None:
+    x, y = _tiny_data()
+    cfg = load_config("smoke", image_size=32, epochs=3, patience=3, batch_size=8, snapshots=2, train_minutes=0)
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0))
+    history = fit_recipe(model, cfg, x, y, x[:8], y[:8])
+    aucs = history.history["val_auc"]
+    assert len(history.snapshots.epochs) == 2
+    assert [aucs[e - 1] for e in history.snapshots.epochs] == sorted(aucs, reverse=True)[:2]
