@@ -28,9 +28,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from recipe import BASE, RECIPES, train_and_validation  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from recipe import BASE, RECIPES, train_and_validation  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.evaluate import cross_fit_stressed  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
