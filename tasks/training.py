@@ -25,7 +25,6 @@ class TrainedModel(BaseModel):
     model_path: str
     convnet: dict  # ConvNetConfig fields
     epochs_trained: int
-    snapshot_epochs: list[int] = []  # the epochs whose predictions the saved model averages, best first
 
 
 @task(name="train", cache_policy=NONE)
@@ -48,8 +47,7 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
                             "train/stopped_by_budget": float(history.stopped_by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
-        snapshots = history.snapshots.epochs
-        mlflow.log_params({"train/snapshot_epochs": ",".join(map(str, snapshots))})
+        mlflow.log_params({"train/snapshot_epochs": ",".join(map(str, history.snapshots.epochs))})
         log_figure(plots.learning_curves(history.history), "plots/learning_curves.png")
     # no finite val AUC at all (a degenerate validation split): keep the weights training ended on
     model = snapshot_ensemble(model_cfg, history.snapshots.weights or [model.get_weights()])
@@ -57,5 +55,4 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"
     model.save(model_path)
-    return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs,
-                        snapshot_epochs=snapshots)
+    return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs)
