@@ -64,14 +64,16 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more `cxr train` options after --")
     args = parser.parse_args()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    runs = [run_once(args.profile, seed, args.data_dir, args.extra) for seed in seeds]
-    summary = summarise(runs)
+    out = HERE / "results" / (args.out or f"quality-{args.profile}.json")
+    out.parent.mkdir(exist_ok=True)
+    runs: list[dict] = []
+    for seed in seeds:  # the file is rewritten after every seed, so a stopped benchmark keeps what it measured
+        runs.append(run_once(args.profile, seed, args.data_dir, args.extra))
+        summary = summarise(runs)
+        out.write_text(json.dumps(dict(profile=args.profile, extra=args.extra, runs=runs, summary=summary), indent=2))
     print(f"{'metric':12s} {'mean':>7s} {'sd':>7s}  " + " ".join(f"seed{r['seed']:<3d}" for r in runs))
     for k, v in summary.items():
         print(f"{k:12s} {v['mean']:7.4f} {v['sd']:7.4f}  " + " ".join(f"{r[k]:7.4f}" for r in runs))
-    out = HERE / "results" / (args.out or f"quality-{args.profile}.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(profile=args.profile, runs=runs, summary=summary), indent=2))
     print(f"wrote {out}")
 
 

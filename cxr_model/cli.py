@@ -35,6 +35,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="wall-time budget of the final training in minutes, best epoch kept (0: none)")
     p.add_argument("--snapshots", type=int,
                    help="the model averages the predictions of this many best epochs by validation AUC (1: best only)")
+    p.add_argument("--members", type=int,
+                   help="train the chosen network this many times (seeds seed, seed+1, ...) and average them (1: one)")
     p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     for name in AUGMENTATION_FIELDS:

@@ -22,7 +22,7 @@ def last_feature_layer(model: keras.Model) -> str:
 def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = None) -> np.ndarray:
     """Heatmaps (N, S, S) in [0, 1] for raw (N, S, S, 1) images, upsampled to the input size.
 
-    For a snapshot ensemble (`cxr_model.model.snapshot_ensemble`) the map is the mean of its members' maps: the
+    For an ensemble (`cxr_model.model.mean_ensemble`) the map is the mean of its members' maps: the
     ensemble's score is their mean, so each member's evidence counts the same, and where they disagree the map
     is fainter.
     """

@@ -82,31 +82,32 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     return model
 
 
-def snapshot_ensemble(cfg: ConvNetConfig, weights: list[list]) -> keras.Model:
+def mean_ensemble(cfg: ConvNetConfig, weights: list[list]) -> keras.Model:
     """One model whose probability is the mean over copies of the convnet, one per set of `weights`.
 
-    With a single set it is the plain convnet with those weights. Several sets (the best epochs of one training
-    run, `cxr_model.train.BestSnapshots`) become sub-models `snapshot1`, `snapshot2`, ... of one functional model,
-    so evaluation, test-time views, Grad-CAM and serving take it as they take a convnet.
+    With a single set it is the plain convnet with those weights. Several sets (the best epochs of a training run,
+    `cxr_model.train.BestSnapshots`, and/or independently trained members, `TrainConfig.members`) become
+    sub-models `member1`, `member2`, ... of one functional model, so evaluation, test-time views, Grad-CAM and
+    serving take it as they take a convnet.
     """
     if not weights:
-        raise ValueError("snapshot_ensemble needs at least one set of weights")
+        raise ValueError("mean_ensemble needs at least one set of weights")
     if len(weights) == 1:
         model = build_convnet(cfg)
         model.set_weights(weights[0])
         return model
     members = []
     for i, w in enumerate(weights, start=1):
-        member = build_convnet(cfg, name=f"snapshot{i}", compile=False)  # inference only: no optimizer to save
+        member = build_convnet(cfg, name=f"member{i}", compile=False)  # inference only: no optimizer to save
         member.set_weights(w)
         members.append(member)
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
     outputs = layers.Average(name="pneumonia")([member(inputs) for member in members])  # (B, 1)
-    return keras.Model(inputs, outputs, name="cxr_snapshot_ensemble")
+    return keras.Model(inputs, outputs, name="cxr_ensemble")
 
 
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
-    """The convnets a `snapshot_ensemble` averages; [model] for a plain convnet."""
+    """The convnets a `mean_ensemble` averages; [model] for a plain convnet."""
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return members or [model]
 

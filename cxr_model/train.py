@@ -89,7 +89,7 @@ class TimeBudget(keras.callbacks.Callback):
 class BestSnapshots(keras.callbacks.Callback):
     """Keeps the weights of the `k` epochs with the highest `monitor` (validation AUC), best first.
 
-    Their predictions, averaged, are the run's model when `k` > 1 (`cxr_model.model.snapshot_ensemble`): epochs
+    Their predictions, averaged, are the run's model when `k` > 1 (`cxr_model.model.mean_ensemble`): epochs
     of one training run disagree on images far from the training data, and averaging them costs no training.
     """
 

@@ -50,10 +50,14 @@ def metric_key(keras_name: str) -> str:
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Log every epoch's metrics to the active MLflow run under train/ and val/ keys."""
+    """Log every epoch's metrics to the active MLflow run under train/ and val/ keys, after `prefix` if given."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = {metric_key(k): float(v) for k, v in (logs or {}).items()}
+        metrics = {self.prefix + metric_key(k): float(v) for k, v in (logs or {}).items()}
         if metrics:
             mlflow.log_metrics(metrics, step=epoch)
 

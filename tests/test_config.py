@@ -63,18 +63,22 @@ def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> No
     build_augmentation(**params)  # every field is an argument of the augmentation
 
 
-def test_head_threshold_rule_budget_and_snapshot_flags_reach_the_config() -> None:
+def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config() -> None:
     from cxr_model.cli import build_parser, train_overrides
 
     argv = ["train", "--profile", "default", "--head", "flatten", "--threshold-rule", "margin", "--train-minutes", "0",
-            "--snapshots", "2"]
+            "--snapshots", "2", "--members", "3"]
     cfg = load_config("default", **train_overrides(build_parser().parse_args(argv)))
     assert cfg.head == "flatten" and cfg.search_space_params()["fixed"]["head"] == "flatten"
     assert cfg.threshold_rule == "margin"
     assert cfg.train_minutes == 0  # 0 lifts the default profile's budget (None would be ignored as "not given")
     assert load_config("default").train_minutes == 10 and load_config("default").threshold_rule == "stressed_margin"
     assert cfg.snapshots == 2 and load_config("default").snapshots == 1  # the best epoch alone unless asked
+    assert cfg.members == 3 and load_config("default").members == 1 and load_config("full").members == 3
+    assert not load_config("full").train_minutes  # the full profile trains its members to the end
     with pytest.raises(ValidationError):
         load_config("default", train_minutes=-1)
     with pytest.raises(ValidationError):
         load_config("default", snapshots=0)
+    with pytest.raises(ValidationError):
+        load_config("default", members=0)

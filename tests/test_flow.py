@@ -16,8 +16,8 @@ from tests.conftest import REPO, FlowRun, run_cxr_train
 
 pytestmark = pytest.mark.integration
 
-PLOTS = {"class_counts", "sample_images", "augmentations", "learning_curves", "confusion_val", "confusion_test",
-         "roc", "gradcam_test"}
+PLOTS = {"class_counts", "sample_images", "augmentations", "learning_curves", "learning_curves_member2",
+         "confusion_val", "confusion_test", "roc", "gradcam_test"}
 TEST_METRICS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc"}
 
 
@@ -46,7 +46,10 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
     assert int(params["data/train_normal"]) > 0 and int(params["data/test_pneumonia"]) == 16
     assert {"best/blocks", "best/dropout", "best/learning_rate", "model/flops_per_image"} <= set(params)
-    assert len(params["train/snapshot_epochs"].split(",")) == 2  # smoke: both epochs' predictions averaged
+    # smoke: two members, each averaging both its epochs; member 2 logs its own curves
+    assert [len(m.split(",")) for m in params["train/snapshot_epochs"].split(";")] == [2, 2]
+    assert {"val/auc", "member2/val/auc", "member2/train/loss"} <= set(parent.data.metrics)
+    assert parent.data.metrics["train/epochs"] == 4  # both members' epochs
     # metrics: the headline, every test metric, the validation-chosen threshold
     metrics = parent.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0

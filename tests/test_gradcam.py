@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from cxr_model.gradcam import gradcam, last_feature_layer
-from cxr_model.model import ConvNetConfig, build_convnet, snapshot_ensemble
+from cxr_model.model import ConvNetConfig, build_convnet, mean_ensemble
 
 
 def _known_model(sign: float) -> keras.Model:
@@ -51,8 +51,8 @@ def test_ensemble_heatmap_is_the_mean_of_its_members() -> None:
     cfg = ConvNetConfig(image_size=64, blocks=3, filters=8)
     first, second = build_convnet(cfg), build_convnet(cfg)
     images = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 1))
-    same = snapshot_ensemble(cfg, [first.get_weights(), first.get_weights()])
+    same = mean_ensemble(cfg, [first.get_weights(), first.get_weights()])
     np.testing.assert_allclose(gradcam(same, images), gradcam(first, images), atol=1e-5)
-    mixed = gradcam(snapshot_ensemble(cfg, [first.get_weights(), second.get_weights()]), images)
+    mixed = gradcam(mean_ensemble(cfg, [first.get_weights(), second.get_weights()]), images)
     np.testing.assert_allclose(mixed, (gradcam(first, images) + gradcam(second, images)) / 2, atol=1e-5)
     assert not np.allclose(mixed, gradcam(first, images), atol=1e-3)  # the second member counts

@@ -353,9 +353,12 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
     python_model = local_model.unwrap_python_model()
     # served with the test-time views the threshold was chosen with
     assert python_model.views == TTA_VIEWS[client.get_run(champion.run_id).data.params["cfg/tta"]]
-    # ... and it is the snapshot ensemble that run saved, one member per averaged epoch
-    snapshots = client.get_run(champion.run_id).data.params["train/snapshot_epochs"].split(",")
-    assert len(ensemble_members(python_model.model)) == len(snapshots)
+    # ... and it is the ensemble that run saved, one sub-model per averaged epoch of each trained member
+    kept = client.get_run(champion.run_id).data.params["train/snapshot_epochs"].replace(";", ",").split(",")
+    members = ensemble_members(python_model.model)
+    assert len(members) == len(kept) == 4
+    # sub-models 1-2 are member 1's epochs, 3-4 member 2's: another seed, so other weights from the first layer on
+    assert not np.allclose(members[0].get_weights()[0], members[2].get_weights()[0])
     results = {}
     for name, files in variants.items():
         images = [b64(f) for f in files]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cxr_model.config import load_config
-from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, snapshot_ensemble
+from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, mean_ensemble
 from cxr_model.train import BestSnapshots, TimeBudget, compile_forward, fit_recipe
 
 
@@ -84,7 +84,7 @@ def test_best_snapshots_keeps_the_k_best_epochs() -> None:
         BestSnapshots(0)
 
 
-def test_snapshot_ensemble_averages_its_members(tmp_path) -> None:
+def test_mean_ensemble_averages_its_members(tmp_path) -> None:
     cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)
     first, second = build_convnet(cfg), build_convnet(cfg)
     second.get_layer("pneumonia").bias.assign([2.0])  # a different model, not a copy
@@ -92,19 +92,19 @@ def test_snapshot_ensemble_averages_its_members(tmp_path) -> None:
     p1, p2 = (m.predict(x.astype("float32"), verbose=0)[:, 0] for m in (first, second))
     assert not np.allclose(p1, p2)
 
-    ensemble = snapshot_ensemble(cfg, [first.get_weights(), second.get_weights()])
-    assert [m.name for m in ensemble_members(ensemble)] == ["snapshot1", "snapshot2"]
+    ensemble = mean_ensemble(cfg, [first.get_weights(), second.get_weights()])
+    assert [m.name for m in ensemble_members(ensemble)] == ["member1", "member2"]
     np.testing.assert_allclose(compile_forward(ensemble)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
     # what the flow saves and serving loads
     ensemble.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
     np.testing.assert_allclose(compile_forward(loaded)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
 
-    single = snapshot_ensemble(cfg, [second.get_weights()])  # one snapshot: the plain convnet
+    single = mean_ensemble(cfg, [second.get_weights()])  # one snapshot: the plain convnet
     assert single.name == "cxr_convnet" and ensemble_members(single) == [single]
     np.testing.assert_allclose(compile_forward(single)(x), p2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one"):
-        snapshot_ensemble(cfg, [])
+        mean_ensemble(cfg, [])
 
 
 def test_fit_recipe_returns_the_best_epochs() -> None:
