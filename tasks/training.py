@@ -67,7 +67,7 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
                             "train/stopped_by_budget": float(by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
         # the kept epochs of each member, members separated by ';' (e.g. '7' or '7,5;9,8')
-        mlflow.log_params({"train/snapshot_epochs": ";".join(kept_epochs)})
+        mlflow.log_params({"train/snapshot_epochs": ";".join(kept_epochs), "model/networks_averaged": len(weights)})
     model = mean_ensemble(model_cfg, weights)
     out = cfg.output_dir / run_id
     out.mkdir(parents=True, exist_ok=True)

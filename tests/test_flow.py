@@ -50,6 +50,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert [len(m.split(",")) for m in params["train/snapshot_epochs"].split(";")] == [2, 2]
     assert {"val/auc", "member2/val/auc", "member2/train/loss"} <= set(parent.data.metrics)
     assert parent.data.metrics["train/epochs"] == 4  # both members' epochs
+    assert params["model/networks_averaged"] == "4"
     # metrics: the headline, every test metric, the validation-chosen threshold
     metrics = parent.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
