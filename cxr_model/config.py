@@ -152,6 +152,12 @@ class TrainConfig(BaseModel):
 AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "resolution", "contrast", "brightness", "gamma",
                        "noise")
 
+# the whole dataset at 128 px, and the search and training lengths that the `default` and `full` profiles share
+_WHOLE_DATA_RECIPE: dict[str, Any] = dict(
+    image_size=128, max_trials=6, search_epochs=3, search_fraction=0.5, epochs=12, patience=4,
+    search_convs_per_block=(1, 1),  # one conv per block keeps an epoch under a minute on 2 cores
+)
+
 PROFILES: dict[str, dict[str, Any]] = {
     # a few dozen images, 2 trials of 1 epoch, 2 members of 2 epochs, all 4 epochs averaged: tests, a first look
     "smoke": dict(
@@ -160,8 +166,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
     # the README's main job: whole dataset and a real search in about 20 minutes on 2 CPU cores
     "default": dict(
-        image_size=128, max_trials=6, search_epochs=3, search_fraction=0.5, epochs=12, patience=4,
-        search_convs_per_block=(1, 1),  # one conv per block keeps an epoch under a minute on 2 cores
+        **_WHOLE_DATA_RECIPE,
         # the search takes ~6.5 min and loading, evaluation and registration ~2.5: the widest net the search
         # can pick needs ~12.5 min for 12 epochs, so the final training is cut at 10 to keep the flow within 20
         train_minutes=10.0,
@@ -170,12 +175,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # network trained three times in full (no time budget) and averaged. Of the levers measured on validation only
     # independently trained members beat the single model under the held-out stresses (benchmarks/README.md,
     # Snapshot ensembles); resolution, a longer search and a wider space are unmeasured and would cost hours here.
-    "full": dict(
-        image_size=128, max_trials=6, search_epochs=3, search_fraction=0.5, epochs=12, patience=4,
-        search_convs_per_block=(1, 1), members=3,
-    ),
+    "full": dict(**_WHOLE_DATA_RECIPE, members=3),
 }
-
 
 def load_config(profile: str = "default", **overrides: Any) -> TrainConfig:
     """Build a config from a named profile plus explicit overrides (None values are ignored)."""

@@ -55,11 +55,12 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
             prefix = "" if member == 1 else f"member{member}/"
             history = fit_recipe(model, member_cfg, images.take(train), train["label"].to_numpy(), images.take(val),
                                  val["label"].to_numpy(), callbacks=[MlflowEpochLogger(prefix)], verbose=2)
-            epochs += len(history.history["loss"])
+            trained = len(history.history["loss"])
+            epochs += trained
             by_budget |= history.stopped_by_budget
             # no finite val AUC at all (a degenerate validation split): keep the weights training ended on
             weights += history.snapshots.weights or [model.get_weights()]
-            kept_epochs.append(",".join(map(str, history.snapshots.epochs)) or str(len(history.history["loss"])))
+            kept_epochs.append(",".join(map(str, history.snapshots.epochs)) or str(trained))
             name = "learning_curves.png" if member == 1 else f"learning_curves_member{member}.png"
             log_figure(plots.learning_curves(history.history), f"plots/{name}")
         seconds = time.perf_counter() - started
@@ -74,4 +75,3 @@ def train_model(cfg: TrainConfig, data: DataHandle, hparams: dict, run_id: str) 
     model_path = out / "model.keras"
     model.save(model_path)
     return TrainedModel(model_path=str(model_path.resolve()), convnet=model_cfg.to_dict(), epochs_trained=epochs)
-
