@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     parser.add_argument("extra", nargs="*", help="more `cxr train` options after --")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     out = HERE / "results" / (args.out or f"quality-{args.profile}.json")
     out.parent.mkdir(exist_ok=True)

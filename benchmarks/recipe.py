@@ -76,15 +76,25 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # one, not ~2.9x as much)
     "geometry-class-weights": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
                                         resolution=0.0, class_weights=False)),
+    # histogram equalization instead of standardization: the model sees each pixel's rank within its image, so
+    # no monotone exposure curve (a scanner's gamma, window and level) can move its score; the stresses that
+    # are not exposure curves (blur, field of view, noise, shape) judge whether it costs anything else
+    "geometry+equalize": (dict(intensity="equalize"),
+                          dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    # input resolution (the quality issue's first lever): 160 px instead of 128, the same network, 1.56x its
+    # FLOPs. The stride-2 stem leaves the first block 64 px at 128; the reference notebook's first conv sees 150
+    "geometry@160": ({}, dict(image_size=160, zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
+                              resolution=0.0)),
 }
 
 
-def train_and_validation(data_dir: str | None) -> dict[str, tuple]:
+def train_and_validation(data_dir: str | None, image_size: int | None = None) -> dict[str, tuple]:
     """{"train": (images, labels), "val": (images, labels)} of the default profile's patient-grouped split.
 
-    The test split is dropped before anything is decoded: these probes never load it.
+    Decoded at `image_size` (the default profile's when None). The test split is dropped before anything is
+    decoded: these probes never load it.
     """
-    cfg = load_config("default", data_dir=data_dir)
+    cfg = load_config("default", data_dir=data_dir, **({"image_size": image_size} if image_size else {}))
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
     manifest = manifest[manifest["split"] != "test"]  # never loaded, never scored
     images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
@@ -123,11 +133,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     args = parser.parse_args()
-    splits = train_and_validation(args.data_dir)
     results = []
+    splits_by_size: dict[int, dict] = {}  # the same patient-grouped split, decoded once per input size
     for name in args.recipes:
+        size = RECIPES[name][1].get("image_size", load_config("default").image_size)
+        if size not in splits_by_size:
+            splits_by_size[size] = train_and_validation(args.data_dir, size)
         for seed in range(args.seeds):
-            r = run(name, seed, splits)
+            r = run(name, seed, splits_by_size[size])
             results.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'recipe':24s} {'seed':>4s} {'min':>5s} {'ep':>3s} {'val AUC':>8s} {'stress AUC':>10s}  "

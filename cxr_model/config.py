@@ -64,6 +64,8 @@ class TrainConfig(BaseModel):
     search_dense_units: tuple[int, ...] = (0, 64, 128)
     search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
     head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
+    # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
+    intensity: Literal["standardize", "equalize"] = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
     search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)
@@ -123,7 +125,7 @@ class TrainConfig(BaseModel):
         """Keyword arguments of `SearchSpace` for this run."""
         return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
-                    learning_rate=self.search_learning_rate, fixed=dict(head=self.head,
+                    learning_rate=self.search_learning_rate, fixed=dict(head=self.head, intensity=self.intensity,
                                                                        label_smoothing=self.label_smoothing))
 
     def augmentation_params(self) -> dict[str, float | int]:

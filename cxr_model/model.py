@@ -20,6 +20,9 @@ class ConvNetConfig:
     convs_per_block: int = 1  # 3x3 conv + BN + ReLU repeats inside a block
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
+    # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
+    # equalization), the same for every monotone exposure curve
+    intensity: Literal["standardize", "equalize"] = "standardize"
     dropout: float = 0.3  # after the pooling / flatten
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
@@ -39,6 +42,34 @@ class PerImageStandardization(layers.Layer):
         return (x - mean) / keras.ops.sqrt(var + 1e-6)
 
 
+@keras.saving.register_keras_serializable(package="cxr_model")
+class HistogramEqualization(layers.Layer):
+    """Each pixel becomes its mid-rank within its own image, centred and scaled to unit variance.
+
+    A global histogram equalization: any monotone change of the exposure curve (gamma, brightness, contrast,
+    window and level) leaves the output the same, which per-image standardization only achieves for linear
+    changes. Ties (a black border, a burnt-out corner) share the middle of their ranks, so a constant region maps
+    to one value. The output is uniform on about (-1.73, 1.73) for an image without ties: zero mean, unit variance.
+    Not differentiable with respect to the input (ranks); nothing here needs that gradient.
+    """
+
+    def call(self, x):
+        shape = tf.shape(x)
+        flat = tf.reshape(x, (shape[0], -1))  # (B, N)
+        ordered = tf.sort(flat, axis=1)
+        below = tf.searchsorted(ordered, flat, side="left")  # pixels strictly darker
+        not_above = tf.searchsorted(ordered, flat, side="right")  # pixels darker or as dark
+        n = tf.cast(tf.shape(flat)[1], x.dtype)
+        cdf = tf.cast(below + not_above, x.dtype) / (2.0 * n)  # mid-rank in (0, 1)
+        return tf.reshape((cdf - 0.5) * math.sqrt(12.0), shape)  # uniform(0, 1) has variance 1/12
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+INTENSITY_LAYERS = {"standardize": PerImageStandardization, "equalize": HistogramEqualization}
+
+
 def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = ""):
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9 (Keras: 0.99): moving statistics settle within ~50 steps, so the validation score of a
@@ -50,7 +81,7 @@ def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = ""):
 def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool = True) -> keras.Model:
     """Binary classifier, compiled for training unless `compile=False`; preprocessing lives inside the model."""
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
-    x = PerImageStandardization(name="standardize")(inputs)
+    x = INTENSITY_LAYERS[cfg.intensity](name=cfg.intensity)(inputs)
     x = _conv_bn_relu(x, max(cfg.filters // 2, 8), strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)

@@ -84,7 +84,7 @@ def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
 
 
 def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], columns: int = 4) -> Figure:
-    """Each image with its Grad-CAM heatmap overlaid (red: where the pneumonia score comes from)."""
+    """Each image with its Grad-CAM heatmap overlaid (red: where the evidence for the model's answer is)."""
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.3 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
@@ -93,5 +93,5 @@ def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], co
         ax.imshow(np.asarray(img)[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.set_title(caption, fontsize=9)
-    fig.suptitle("Grad-CAM on fixed test images")
+    fig.suptitle("Grad-CAM on fixed test images: where the evidence for the model's answer is")
     return fig

@@ -86,13 +86,16 @@ def gradcam_figure(model: keras.Model, test: pd.DataFrame, images: DecodedImages
     """Grad-CAM for a fixed set of test images: the first `per_class` of each class by file name.
 
     The heatmap is of the image alone; the title's probability is the one evaluation used (over every test-time
-    view), so the label in the title matches the confusion matrix.
+    view), so the label in the title matches the confusion matrix. Each map explains the model's answer at the
+    run's threshold: what speaks for PNEUMONIA where it answered PNEUMONIA, what speaks for NORMAL where it
+    answered NORMAL.
     """
     picks = test.assign(prob=p_test).sort_values("path").groupby("label", group_keys=False).head(per_class)
     x = images.take(picks)
-    titles = [f"{r.class_name} · p={r.prob:.2f} → {'PNEU' if r.prob >= threshold else 'NORM'}\n{Path(r.path).name[:22]}"
-              for r in picks.itertuples()]
-    return plots.gradcam_grid(x, gradcam(model, x), titles)
+    answers = (picks["prob"].to_numpy() >= threshold).astype(int)  # (n,) 1 = PNEUMONIA
+    titles = [f"{r.class_name} · p={r.prob:.2f} → {'PNEU' if a else 'NORM'}\n{Path(r.path).name[:22]}"
+              for r, a in zip(picks.itertuples(), answers, strict=True)]
+    return plots.gradcam_grid(x, gradcam(model, x, classes=answers), titles)
 
 
 @task(name="evaluate", cache_policy=NONE)

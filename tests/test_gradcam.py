@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 from cxr_model.gradcam import gradcam, last_feature_layer
 from cxr_model.model import ConvNetConfig, build_convnet, mean_ensemble
@@ -56,3 +57,56 @@ def test_ensemble_heatmap_is_the_mean_of_its_members() -> None:
     mixed = gradcam(mean_ensemble(cfg, [first.get_weights(), second.get_weights()]), images)
     np.testing.assert_allclose(mixed, (gradcam(first, images) + gradcam(second, images)) / 2, atol=1e-5)
     assert not np.allclose(mixed, gradcam(first, images), atol=1e-3)  # the second member counts
+
+
+def test_normal_map_shows_the_evidence_for_normal() -> None:
+    # Bright pixels lower the pneumonia score, so they are the evidence for NORMAL.
+    cam = gradcam(_known_model(-1.0), _left_bright(), classes=np.array([0]))
+    assert cam[0, :, :6].mean() > 0.5 and cam[0, :, 10:].mean() < 0.05
+    assert np.allclose(gradcam(_known_model(+1.0), _left_bright(), classes=np.array([0])), 0.0)
+    both = gradcam(_known_model(+1.0), np.concatenate([_left_bright()] * 2), classes=np.array([1, 0]))
+    assert both[0].max() == pytest.approx(1.0) and np.allclose(both[1], 0.0)  # each image its own class
+
+
+def test_confident_scores_still_have_a_map() -> None:
+    # p rounds to exactly 1.0 in float32: the probability has no gradient left, the logit does.
+    model = _known_model(+50.0)
+    assert float(model(_left_bright())[0, 0]) == 1.0
+    cam = gradcam(model, _left_bright())
+    assert cam[0, :, :6].mean() > 0.5 and cam[0, :, 10:].mean() < 0.05
+    keras.utils.set_random_seed(0)
+    convnet = build_convnet(ConvNetConfig(image_size=64, blocks=3, filters=8))
+    head = convnet.get_layer("pneumonia")
+    head.kernel.assign(head.kernel * 1e6)  # saturates every score
+    images = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 1))
+    p = np.asarray(convnet(images))[:, 0]
+    assert np.isin(p, (0.0, 1.0)).all()
+    cam = gradcam(convnet, images, classes=(p > 0.5).astype(int))
+    assert (cam.max(axis=(1, 2)) > 0.5).all()  # the upsampled peak; a probability gradient would leave 0
+
+
+def test_classes_must_be_one_label_per_image() -> None:
+    with pytest.raises(ValueError, match="one 0"):
+        gradcam(_known_model(1.0), _left_bright(), classes=np.array([1, 0]))
+    with pytest.raises(ValueError, match="one 0"):
+        gradcam(_known_model(1.0), _left_bright(), classes=np.array([2]))
+
+
+def test_figure_maps_explain_each_images_answer_at_the_threshold() -> None:
+    import pandas as pd
+
+    from cxr_model.cache import DecodedImages
+    from tasks.evaluate import gradcam_figure
+
+    keras.utils.set_random_seed(3)
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8))
+    images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 1)).astype("uint8")
+    test = pd.DataFrame(dict(sha256=list("abcd"), path=[f"/x/{k}.jpeg" for k in "abcd"], label=[0, 0, 1, 1],
+                             class_name=["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]))
+    p_test = np.array([0.2, 0.7, 0.4, 0.9])  # at 0.5: NORM, PNEU, NORM, PNEU
+    fig = gradcam_figure(model, test, DecodedImages(list("abcd"), images), p_test, threshold=0.5, per_class=2)
+    shown = np.stack([ax.images[1].get_array() for ax in fig.axes if len(ax.images) == 2])  # (4, 32, 32)
+    answers = np.array([0, 1, 0, 1])
+    np.testing.assert_allclose(shown, gradcam(model, images, classes=answers), atol=1e-6)
+    assert not np.allclose(shown, gradcam(model, images), atol=1e-3)  # not the pneumonia map of every image
+    assert [ax.get_title().split("\n")[0][-4:] for ax in fig.axes[:4]] == ["NORM", "PNEU", "NORM", "PNEU"]

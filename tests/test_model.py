@@ -9,7 +9,14 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from cxr_model.model import ConvNetConfig, PerImageStandardization, build_augmentation, build_convnet, count_flops
+from cxr_model.model import (
+    ConvNetConfig,
+    HistogramEqualization,
+    PerImageStandardization,
+    build_augmentation,
+    build_convnet,
+    count_flops,
+)
 from cxr_model.search import ConvNetHyperModel, SearchSpace, config_from_hparams, make_tuner, sample_config
 from cxr_model.train import make_dataset, predict_proba
 
@@ -42,8 +49,28 @@ def test_standardization_removes_exposure_differences() -> None:
     np.testing.assert_allclose(a.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
 
 
-def test_model_round_trips_through_keras_file(tmp_path: Path) -> None:
-    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8))
+def test_equalization_ignores_any_monotone_exposure_curve() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.uniform(1, 255, (3, 24, 24, 1)).astype("float32")
+    x[0, :4] = 0.0  # a black border: 96 tied pixels
+    layer = HistogramEqualization()
+    a = np.asarray(layer(x))
+    # gamma 0.5 and 2, and a window-and-level that standardization can only undo when it is linear
+    for curve in (lambda v: 255 * (v / 255) ** 0.5, lambda v: 255 * (v / 255) ** 2.0, lambda v: np.log1p(v) * 40):
+        np.testing.assert_allclose(np.asarray(layer(curve(x).astype("float32"))), a, atol=2e-3)
+    assert not np.allclose(np.asarray(PerImageStandardization()(255 * (x / 255) ** 0.5)),
+                           np.asarray(PerImageStandardization()(x)), atol=0.05)
+    assert len(np.unique(a[0, :4])) == 1  # ties share one value: the middle of their ranks
+    np.testing.assert_allclose(a.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(a[1:].std(axis=(1, 2, 3)), 1.0, atol=0.01)  # no ties: uniform, unit variance
+    order = np.argsort(x[1].ravel())
+    assert (np.diff(a[1].ravel()[order]) > 0).all()  # each pixel keeps its rank
+
+
+@pytest.mark.parametrize("intensity", ["standardize", "equalize"])
+def test_model_round_trips_through_keras_file(tmp_path: Path, intensity: str) -> None:
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, intensity=intensity))
+    assert model.layers[1].name == intensity
     x = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 1)).astype("uint8")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
