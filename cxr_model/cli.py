@@ -46,6 +46,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help=f"augmentation: {TrainConfig.model_fields[name].description} (0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
+    p.add_argument("--balanced-sampling", action="store_true", default=None,
+                   help="draw both classes with equal odds in training (instead of class weights)")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     p.add_argument("--tta", choices=list(TTA_VIEWS), help="test-time views averaged in evaluation and serving")
     p.add_argument("--experiment-name")

@@ -96,6 +96,9 @@ class TrainConfig(BaseModel):
     noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
     class_weights: bool = True  # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance
+    # draw NORMAL and PNEUMONIA images with equal odds instead (the rarer class recurs, augmented anew each time);
+    # class weights are then not applied
+    balanced_sampling: bool = False
     # evaluation
     threshold_rule: ThresholdRule = "stressed_margin"  # see cxr_model.evaluate; chosen in benchmarks/threshold.py
     tta: TestTimeViews = "scale"  # views averaged at prediction, in evaluation and serving (TTA_VIEWS)

@@ -32,16 +32,43 @@ def make_dataset(
     augmentation: keras.Model | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    balanced: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of (float32 (B, S, S, 1) in 0..255, float32 (B,) labels); augmentation on train only."""
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype("float32")))
-    if shuffle:
+    """Batches of (float32 (B, S, S, 1) in 0..255, float32 (B,) labels); augmentation on train only.
+
+    `balanced` draws each image's class with equal odds (the rarer class's images recur more often, each time
+    augmented anew), `len(images)` images an epoch, shuffled within each class; it implies `shuffle`.
+    """
+    if balanced:
+        ds = _balanced(images, labels.astype("float32"), seed)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((images, labels.astype("float32")))
+    if shuffle and not balanced:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmentation is not None:
         ds = ds.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _balanced(images: np.ndarray, labels: np.ndarray, seed: int) -> tf.data.Dataset:
+    """(image, label) pairs, each class drawn with equal odds, len(images) of them per pass."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"balanced sampling needs both classes in the training split, got only {classes.tolist()}")
+    per_class = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        ds = tf.data.Dataset.from_tensor_slices((images[idx], labels[idx]))
+        per_class.append(ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True).repeat())
+    mixed = tf.data.Dataset.sample_from_datasets(per_class, seed=seed, rerandomize_each_iteration=True)
+    return mixed.take(len(images))
+
+
+def loss_class_weights(cfg: TrainConfig, labels: np.ndarray) -> dict[int, float] | None:
+    """Keras `class_weight` of a run: against the imbalance, unless balanced sampling already evens it out."""
+    return class_weights(labels) if cfg.class_weights and not cfg.balanced_sampling else None
 
 
 def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
@@ -124,7 +151,8 @@ def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, 
                     y_val: np.ndarray) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """(train, validation) pipelines of a run: train shuffled and augmented (if enabled), validation as is."""
     augment = build_augmentation(**cfg.augmentation_params()) if cfg.augment else None
-    train = make_dataset(x_train, y_train, cfg.batch_size, augment, shuffle=True, seed=cfg.seed)
+    train = make_dataset(x_train, y_train, cfg.batch_size, augment, shuffle=True, seed=cfg.seed,
+                         balanced=cfg.balanced_sampling)
     return train, make_dataset(x_val, y_val, cfg.batch_size)
 
 
@@ -140,7 +168,7 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
     budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
     snapshots = BestSnapshots(cfg.snapshots)
     history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
-                        class_weight=class_weights(y_train) if cfg.class_weights else None,
+                        class_weight=loss_class_weights(cfg, y_train),
                         callbacks=[*training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
     history.stopped_by_budget = bool(budget and budget[0].stopped_early)
     history.snapshots = snapshots

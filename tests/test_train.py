@@ -10,7 +10,7 @@ import pytest
 
 from cxr_model.config import load_config
 from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, mean_ensemble
-from cxr_model.train import BestSnapshots, TimeBudget, compile_forward, fit_recipe
+from cxr_model.train import BestSnapshots, TimeBudget, compile_forward, fit_recipe, loss_class_weights, make_dataset
 
 
 def _tiny_data(n: int = 24, side: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,3 +115,35 @@ def test_fit_recipe_returns_the_best_epochs() -> None:
     aucs = history.history["val_auc"]
     assert len(history.snapshots.epochs) == 2
     assert [aucs[e - 1] for e in history.snapshots.epochs] == sorted(aucs, reverse=True)[:2]
+
+
+def test_balanced_sampling_draws_both_classes_alike() -> None:
+    x = np.arange(200, dtype="uint8").reshape(200, 1, 1, 1).repeat(4, axis=1).repeat(4, axis=2)  # image i is all i
+    y = (np.arange(200) >= 50).astype(int)  # 50 NORMAL (0..49), 150 PNEUMONIA
+    ds = make_dataset(x, y, 20, balanced=True, seed=1)
+    firsts = []
+    for _ in range(3):  # three epochs
+        batches = list(ds)
+        images = np.concatenate([b[0].numpy()[:, 0, 0, 0] for b in batches])
+        labels = np.concatenate([b[1].numpy() for b in batches])
+        assert len(labels) == 200  # an epoch is as long as the split
+        np.testing.assert_array_equal(images < 50, labels == 0)  # each image keeps its label
+        assert 0.38 < labels.mean() < 0.62  # ~half PNEUMONIA, where the split has 75%
+        firsts.append(images[:20].tolist())
+    assert firsts[0] != firsts[1] != firsts[2]  # every epoch draws anew
+    plain = np.concatenate([b[1].numpy() for b in make_dataset(x, y, 20, shuffle=True, seed=1)])
+    assert plain.mean() == 0.75
+    with pytest.raises(ValueError, match="both classes"):
+        make_dataset(x[:50], y[:50], 20, balanced=True)
+
+
+def test_balanced_sampling_replaces_class_weights() -> None:
+    y = np.array([0, 1, 1, 1])
+    assert loss_class_weights(load_config("smoke"), y)[0] > loss_class_weights(load_config("smoke"), y)[1]
+    assert loss_class_weights(load_config("smoke", balanced_sampling=True), y) is None
+    assert loss_class_weights(load_config("smoke", class_weights=False), y) is None
+    x, labels = _tiny_data()
+    cfg = load_config("smoke", image_size=32, epochs=1, batch_size=8, train_minutes=0, balanced_sampling=True)
+    history = fit_recipe(build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)), cfg, x,
+                         labels, x[:8], labels[:8])
+    assert len(history.history["loss"]) == 1
