@@ -120,6 +120,7 @@ def run(name: str, seed: int, splits) -> dict:
     thresholds = {rule: choose_threshold(yv, p_val, rule) for rule in CLEAN_RULES}
     p_stressed = stressed_scores(predict, xv)  # scored once, read by every rule
     result = dict(recipe=name, seed=seed, augmentation=cfg.augmentation_params(), model_overrides=model_over,
+                  train_overrides=train_over,
                   minutes=minutes, epochs=len(history.history["loss"]),
                   thresholds=thresholds, val_auc=binary_metrics(yv, p_val, 0.5)["roc_auc"],
                   cross_fit=cross_fit_rules(yv, p_val), stressed={})

@@ -1,4 +1,4 @@
-"""Grad-CAM: where in the image the convnet's pneumonia score comes from (Selvaraju et al., 2017)."""
+"""Grad-CAM: where in the image the evidence for the convnet's answer is (Selvaraju et al., 2017)."""
 
 from __future__ import annotations
 
@@ -41,35 +41,27 @@ def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = Non
     return _gradcam(model, images, layer_name, classes)
 
 
-def _logit(model: keras.Model, probe_outputs: list) -> tuple[list, callable]:
-    """Probe outputs that give the model's logit, and how to compute it from them.
-
-    A final sigmoid Dense layer (every convnet here) is undone exactly: its input times its kernel plus its bias.
-    Any other model: the logit of its probability, clipped away from 0 and 1.
-    """
+def _logit_head(model: keras.Model) -> keras.layers.Dense:
+    """The final Dense layer with a sigmoid, whose pre-activation (input @ kernel + bias) is the logit."""
     head = model.layers[-1]
-    if isinstance(head, keras.layers.Dense) and head.activation is keras.activations.sigmoid:
-        def logit(h):
-            z = tf.matmul(h, head.kernel)
-            return (z + head.bias if head.use_bias else z)[:, 0]
-        return [*probe_outputs, head.input], logit
-
-    def logit_of_probability(p):
-        p = tf.clip_by_value(p[:, 0], 1e-7, 1 - 1e-7)
-        return tf.math.log(p) - tf.math.log1p(-p)
-    return [*probe_outputs, model.outputs[0]], logit_of_probability
+    if not (isinstance(head, keras.layers.Dense) and head.get_config()["activation"] == "sigmoid"):
+        raise ValueError(f"Grad-CAM needs a model that ends in a Dense layer with a sigmoid activation; "
+                         f"{model.name} ends in {type(head).__name__} {head.name!r}")
+    return head
 
 
 def _gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None, classes: np.ndarray) -> np.ndarray:
     layer = model.get_layer(layer_name or last_feature_layer(model))
-    outputs, logit = _logit(model, [layer.output])
-    probe = keras.Model(model.inputs, outputs)
+    head = _logit_head(model)
+    probe = keras.Model(model.inputs, [layer.output, head.input])
     x = tf.convert_to_tensor(np.asarray(images, dtype="float32"))
     sign = tf.constant(np.where(classes == 1, 1.0, -1.0), tf.float32)  # (N,)
     with tf.GradientTape() as tape:
-        features, head_input = probe(x, training=False)  # (N, h, w, C), the logit's input
-        tape.watch(features)
-        score = sign * logit(head_input)  # (N,): evidence for each image's class
+        features, head_input = probe(x, training=False)  # (N, h, w, C), (N, D): the logit's input
+        logit = tf.matmul(head_input, head.kernel)[:, 0]  # (N,) the sigmoid's argument
+        if head.use_bias:
+            logit += head.bias[0]
+        score = sign * logit  # (N,): evidence for each image's answer
     grads = tape.gradient(score, features)  # d score / d features, (N, h, w, C)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (N, 1, 1, C): channel importance
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))  # (N, h, w)

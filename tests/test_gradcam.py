@@ -92,21 +92,26 @@ def test_classes_must_be_one_label_per_image() -> None:
         gradcam(_known_model(1.0), _left_bright(), classes=np.array([2]))
 
 
-def test_figure_maps_explain_each_images_answer_at_the_threshold() -> None:
-    import pandas as pd
 
-    from cxr_model.cache import DecodedImages
-    from tasks.evaluate import gradcam_figure
+def test_a_model_loaded_from_its_keras_file_keeps_the_logit_map(tmp_path) -> None:
+    keras.utils.set_random_seed(5)
+    cfg = ConvNetConfig(image_size=64, blocks=3, filters=8)
+    model = mean_ensemble(cfg, [build_convnet(cfg).get_weights(), build_convnet(cfg).get_weights()])
+    for member in (model.get_layer("member1"), model.get_layer("member2")):
+        head = member.get_layer("pneumonia")
+        head.kernel.assign(head.kernel * 1e6)  # saturates every score
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    images = np.random.default_rng(6).uniform(0, 255, (2, 64, 64, 1))
+    cam = gradcam(loaded, images, classes=np.array([1, 0]))
+    assert (cam.max(axis=(1, 2)) > 0.25).all()  # each member's map of the logit survives the save
+    np.testing.assert_allclose(cam, gradcam(model, images, classes=np.array([1, 0])), atol=1e-5)
 
-    keras.utils.set_random_seed(3)
-    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8))
-    images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 1)).astype("uint8")
-    test = pd.DataFrame(dict(sha256=list("abcd"), path=[f"/x/{k}.jpeg" for k in "abcd"], label=[0, 0, 1, 1],
-                             class_name=["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]))
-    p_test = np.array([0.2, 0.7, 0.4, 0.9])  # at 0.5: NORM, PNEU, NORM, PNEU
-    fig = gradcam_figure(model, test, DecodedImages(list("abcd"), images), p_test, threshold=0.5, per_class=2)
-    shown = np.stack([ax.images[1].get_array() for ax in fig.axes if len(ax.images) == 2])  # (4, 32, 32)
-    answers = np.array([0, 1, 0, 1])
-    np.testing.assert_allclose(shown, gradcam(model, images, classes=answers), atol=1e-6)
-    assert not np.allclose(shown, gradcam(model, images), atol=1e-3)  # not the pneumonia map of every image
-    assert [ax.get_title().split("\n")[0][-4:] for ax in fig.axes[:4]] == ["NORM", "PNEU", "NORM", "PNEU"]
+
+def test_a_model_without_a_sigmoid_dense_head_is_refused() -> None:
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Activation("sigmoid")(keras.layers.Dense(1)(x))
+    with pytest.raises(ValueError, match="sigmoid"):
+        gradcam(keras.Model(inputs, outputs), _left_bright())

@@ -55,7 +55,7 @@ def test_equalization_ignores_any_monotone_exposure_curve() -> None:
     x[0, :4] = 0.0  # a black border: 96 tied pixels
     layer = HistogramEqualization()
     a = np.asarray(layer(x))
-    # gamma 0.5 and 2, and a window-and-level that standardization can only undo when it is linear
+    # gamma 0.5 and 2, and a log curve: standardization undoes only linear changes
     for curve in (lambda v: 255 * (v / 255) ** 0.5, lambda v: 255 * (v / 255) ** 2.0, lambda v: np.log1p(v) * 40):
         np.testing.assert_allclose(np.asarray(layer(curve(x).astype("float32"))), a, atol=2e-3)
     assert not np.allclose(np.asarray(PerImageStandardization()(255 * (x / 255) ** 0.5)),
