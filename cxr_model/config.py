@@ -183,6 +183,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(**_WHOLE_DATA_RECIPE, members=3),
 }
 
+
 def load_config(profile: str = "default", **overrides: Any) -> TrainConfig:
     """Build a config from a named profile plus explicit overrides (None values are ignored)."""
     if profile not in PROFILES:
