@@ -93,8 +93,13 @@ class TrainConfig(BaseModel):
     gamma: float = Field(0.4, ge=0.0, le=1.0, description="log-range of the exposure-curve exponent: 0.4 = 0.67..1.49")
     resolution: float = Field(0.0, ge=0.0, lt=1.0,
                               description="largest loss of resolution: 0.5 = blended with a copy at half the side")
+    erase: float = Field(0.0, ge=0.0, le=0.4,
+                         description="largest band blanked at the top and at the bottom, as a fraction of the side")
     noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
+    # blend each training image with another of its batch, labels alike, by a Beta(mixup, mixup) weight; 0 = off
+    # (final training only: search trials train without it)
+    mixup: float = Field(0.0, ge=0.0, le=2.0)
     class_weights: bool = True  # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance
     # draw NORMAL and PNEUMONIA images with equal odds instead (the rarer class recurs, augmented anew each time);
     # class weights are then not applied
@@ -154,8 +159,8 @@ class TrainConfig(BaseModel):
 
 
 # the TrainConfig fields that are ranges of `cxr_model.model.build_augmentation`
-AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "resolution", "contrast", "brightness", "gamma",
-                       "noise")
+AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "erase", "resolution", "contrast", "brightness",
+                       "gamma", "noise")
 
 # the whole dataset at 128 px, and the search and training lengths that the `default` and `full` profiles share
 _WHOLE_DATA_RECIPE: dict[str, Any] = dict(
@@ -176,10 +181,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         # can pick needs ~12.5 min for 12 epochs, so the final training is cut at 10 to keep the flow within 20
         train_minutes=10.0,
     ),
-    # the best model the project makes, about an hour on 2 CPU cores: the default's search, then the chosen
+    # the best model the project makes, 35-45 minutes on 2 CPU cores: the default's search, then the chosen
     # network trained three times in full (no time budget) and averaged. Of the levers measured on validation only
     # independently trained members beat the single model under the held-out stresses (benchmarks/README.md,
-    # Snapshot ensembles); resolution, a longer search and a wider space are unmeasured and would cost hours here.
+    # Snapshot ensembles); 160 px (session 8), 1.5x the width and 24 epochs (session 9) lost there, and a longer
+    # search and a wider search space are unmeasured.
     "full": dict(**_WHOLE_DATA_RECIPE, members=3),
 }
 

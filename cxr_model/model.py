@@ -181,6 +181,9 @@ class Augmentation:
     which on two cores was the difference between the input pipeline keeping up and not). The aspect ratio
     scales width and height apart, as Keras' ImageDataGenerator zoom does: scans of every shape were squashed
     to a square, so a chest's width-to-height ratio tells of the scanner and the crop, not of the lungs.
+    Band erasing then blanks a random band at the top and another at the bottom of each image (each up to
+    `erase` of the side, drawn apart), where the neck and shoulders and the upper abdomen sit: what a film
+    shows above and below the lungs differs with the collimation, not with the lungs.
     A random loss of resolution follows: each image is blended, by its own random weight, with a copy of the
     batch down-sampled to a random fraction of the side and up-sampled back, as a scan from a detector or an
     export of lower resolution looks after the resize to our input size. Intensity changes are a random gamma
@@ -191,12 +194,13 @@ class Augmentation:
 
     def __init__(self, rotation: float, zoom: float, translation: float, contrast: float, brightness: float,
                  gamma: float = 0.0, noise: float = 0.0, aspect: float = 0.0, resolution: float = 0.0,
-                 seed: int = 0):
+                 erase: float = 0.0, seed: int = 0):
         self.rotation, self.zoom, self.translation = rotation, zoom, translation  # turn fraction, scale, side fraction
         self.aspect = aspect  # log-range of width:height, e.g. 0.2 ~ ratios 0.82..1.22
         self.contrast, self.brightness, self.gamma = contrast, brightness, gamma  # gamma: log-range, e.g. 0.3
         self.resolution = resolution  # largest loss of resolution: 0.5 = down to half the side, and back
         self.noise = noise  # largest sd of additive Gaussian sensor noise, as a fraction of 255
+        self.erase = erase  # largest band blanked at the top and at the bottom, as a fraction of the side
         self.seed = seed
 
     def _uniform(self, n, limit: float, salt: int):
@@ -220,6 +224,14 @@ class Augmentation:
             interpolation="BILINEAR", fill_mode="CONSTANT",
         )
         per_image = (n, 1, 1, 1)
+        if self.erase:
+            # rows [0, top) and [h - bottom, h) become 0, the warp's fill: (n, h, 1, 1) mask, one top and bottom each
+            side = tf.cast(h, tf.float32)
+            top = tf.random.uniform((n, 1), 0, self.erase, seed=self.seed * 7919 + 13) * side
+            bottom = side - tf.random.uniform((n, 1), 0, self.erase, seed=self.seed * 7919 + 14) * side
+            rows = tf.cast(tf.range(h), tf.float32)[tf.newaxis, :] + 0.5  # pixel centres
+            keep = tf.cast((rows >= top) & (rows < bottom), tf.float32)
+            x = x * tf.reshape(keep, (n, h, 1, 1))
         if self.resolution:
             # one down-sampled size per batch (resize takes one size), one blend weight per image
             keep = 1 - tf.random.uniform((), 0, self.resolution, seed=self.seed * 7919 + 11)

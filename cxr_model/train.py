@@ -33,8 +33,15 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     balanced: bool = False,
+    mixup: float = 0.0,
+    class_weight: dict[int, float] | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 (B, S, S, 1) in 0..255, float32 (B,) labels); augmentation on train only.
+
+    `mixup` > 0 blends each (augmented) image with another of its batch, image and label alike, by a weight drawn
+    from Beta(mixup, mixup) (Zhang et al., ICLR 2018); batches are then (images, soft labels, sample weights),
+    the weights being `class_weight` of the two labels blended the same way (1 without `class_weight`), so do
+    not also pass `class_weight` to `fit`.
 
     `balanced` draws each image's class with equal odds, `len(images)` images an epoch, each class reshuffled every
     epoch; it implies `shuffle`. The rarer class's images recur within an epoch (each time augmented anew), and
@@ -51,7 +58,26 @@ def make_dataset(
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmentation is not None:
         ds = ds.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if mixup:
+        ds = ds.map(_mixup(mixup, class_weight, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixup(alpha: float, class_weight: dict[int, float] | None, seed: int) -> Callable:
+    """(x, y) batch -> (x, y, w) blended with a shuffled copy of itself by weights ~ Beta(alpha, alpha)."""
+    table = tf.constant([(class_weight or {}).get(c, 1.0) for c in (0, 1)], tf.float32)
+
+    def blend(x, y):
+        n = tf.shape(x)[0]
+        a = tf.random.gamma((n,), alpha, seed=seed * 7919 + 21)
+        b = tf.random.gamma((n,), alpha, seed=seed * 7919 + 22)
+        lam = a / tf.maximum(a + b, 1e-12)  # Beta(alpha, alpha)
+        other = tf.random.shuffle(tf.range(n), seed=seed * 7919 + 23)
+        w = tf.gather(table, tf.cast(y, tf.int32))
+        x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * tf.gather(x, other)
+        return x, lam * y + (1 - lam) * tf.gather(y, other), lam * w + (1 - lam) * tf.gather(w, other)
+
+    return blend
 
 
 def _balanced(images: np.ndarray, labels: np.ndarray, seed: int) -> tf.data.Dataset:
@@ -154,7 +180,8 @@ def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, 
     """(train, validation) pipelines of a run: train shuffled and augmented (if enabled), validation as is."""
     augment = build_augmentation(**cfg.augmentation_params()) if cfg.augment else None
     train = make_dataset(x_train, y_train, cfg.batch_size, augment, shuffle=True, seed=cfg.seed,
-                         balanced=cfg.balanced_sampling)
+                         balanced=cfg.balanced_sampling, mixup=cfg.mixup,
+                         class_weight=loss_class_weights(cfg, y_train) if cfg.mixup else None)
     return train, make_dataset(x_val, y_val, cfg.batch_size)
 
 
@@ -170,7 +197,7 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
     budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
     snapshots = BestSnapshots(cfg.snapshots)
     history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
-                        class_weight=loss_class_weights(cfg, y_train),
+                        class_weight=None if cfg.mixup else loss_class_weights(cfg, y_train),  # mixup: in `train`
                         callbacks=[*training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
     history.stopped_by_budget = bool(budget and budget[0].stopped_early)
     history.snapshots = snapshots

@@ -228,6 +228,23 @@ def test_resolution_loss_blurs_by_a_random_amount_and_keeps_exposure() -> None:
     np.testing.assert_allclose(out.mean(axis=(1, 2)), 127.5, atol=8)  # blurred, not darkened or brightened
 
 
+def test_band_erasing_blanks_whole_rows_at_top_and_bottom_within_range() -> None:
+    import tensorflow as tf
+
+    tf.random.set_seed(0)
+    x = np.full((32, 40, 40, 1), 200.0, np.float32)
+    out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, erase=0.25, seed=6)(x))[..., 0]
+    blank = out == 0
+    np.testing.assert_array_equal(blank.all(axis=2), blank.any(axis=2))  # whole rows, never part of one
+    rows = blank.all(axis=2)  # (32, 40)
+    top = np.argmin(rows, axis=1)  # blank rows before the first kept one
+    bottom = np.argmin(rows[:, ::-1], axis=1)
+    assert top.max() <= 10 and bottom.max() <= 10  # at most 25% of 40 rows each
+    assert top.max() >= 6 and bottom.max() >= 6 and top.min() <= 2  # uses its range, differently per image
+    assert not np.array_equal(top, bottom)  # top and bottom drawn apart
+    np.testing.assert_array_equal(out[~blank], 200.0)  # the rest untouched
+
+
 def test_view_magnifies_and_stretches_about_the_centre() -> None:
     from cxr_model.model import warp_view
 

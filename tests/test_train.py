@@ -160,3 +160,30 @@ def test_balanced_sampling_replaces_class_weights() -> None:
     history = fit_recipe(build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)), cfg, x,
                          labels, x[:8], labels[:8])
     assert len(history.history["loss"]) == 1
+
+
+def test_mixup_blends_images_labels_and_class_weights_alike() -> None:
+    x = np.zeros((64, 4, 4, 1), np.uint8)
+    x[32:] = 200  # NORMAL images are black, PNEUMONIA ones 200
+    y = (np.arange(64) >= 32).astype(int)
+    ds = make_dataset(x, y, 16, shuffle=True, seed=3, mixup=0.4, class_weight={0: 3.0, 1: 1.0})
+    batches = list(ds)  # one pass: each pass draws anew
+    images, labels, weights = (np.concatenate([b[i].numpy() for b in batches]) for i in range(3))
+    share = images[:, 0, 0, 0] / 200  # how much of a PNEUMONIA image each blend holds
+    np.testing.assert_allclose(labels, share, atol=1e-5)  # the label follows the image
+    np.testing.assert_allclose(weights, 3.0 - 2.0 * share, atol=1e-5)  # and so does the class weight
+    assert ((share > 0.05) & (share < 0.95)).mean() > 0.2  # blends for real, not just copies
+    assert abs(labels.mean() - 0.5) < 0.2  # on average the split's own mix
+
+
+def test_mixup_moves_class_weights_into_the_pipeline() -> None:
+    x, _ = _tiny_data(n=40)
+    labels = (np.arange(40) >= 10).astype(int)
+    cfg = load_config("smoke", image_size=32, epochs=1, batch_size=10, train_minutes=0, mixup=0.2, augment=False)
+    train, _ = recipe_datasets(cfg, x, labels, x[:8], labels[:8])
+    first = next(iter(train))
+    assert len(first) == 3  # (images, soft labels, blended class weights)
+    assert float(first[2].numpy().max()) > 1.0  # NORMAL weighs more: class weights still apply
+    history = fit_recipe(build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)), cfg, x,
+                         labels, x[:8], labels[:8])  # no class_weight passed to fit next to sample weights
+    assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])
