@@ -95,7 +95,7 @@ def main() -> None:
               f"{r['efficiency']:8.0%} {r['time_ratio']:8.2f}x {r['flop_ratio']:9.2f}x")
     out = HERE / "results" / args.out
     out.write_text(json.dumps(dict(matmul_peak_gflops=peak, batch=BATCH, steps=args.steps, repeats=args.repeats,
-                                   threads=tf.config.threading.get_intra_op_parallelism_threads(), rows=rows),
+                                   cpus=os.cpu_count(), rows=rows),
                               indent=2))
     print(f"wrote {out}")
 

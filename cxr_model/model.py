@@ -225,7 +225,7 @@ class Augmentation:
         )
         per_image = (n, 1, 1, 1)
         if self.erase:
-            # rows [0, top) and [h - bottom, h) become 0, the warp's fill: (n, h, 1, 1) mask, one top and bottom each
+            # rows [0, top) and [bottom, h) become 0, the warp's fill: (n, h, 1, 1) mask, one top and bottom each
             side = tf.cast(h, tf.float32)
             top = tf.random.uniform((n, 1), 0, self.erase, seed=self.seed * 7919 + 13) * side
             bottom = side - tf.random.uniform((n, 1), 0, self.erase, seed=self.seed * 7919 + 14) * side

@@ -41,7 +41,9 @@ def make_dataset(
     `mixup` > 0 blends each (augmented) image with another of its batch, image and label alike, by a weight drawn
     from Beta(mixup, mixup) (Zhang et al., ICLR 2018); batches are then (images, soft labels, sample weights),
     the weights being `class_weight` of the two labels blended the same way (1 without `class_weight`), so do
-    not also pass `class_weight` to `fit`.
+    not also pass `class_weight` to `fit`. (An approximation: for a pair of different classes this is not the
+    class-weighted loss of the soft target; the best prediction is then simply the blended label.) Training
+    metrics read soft labels as PNEUMONIA or as wrong; validation, which decides everything, is not mixed.
 
     `balanced` draws each image's class with equal odds, `len(images)` images an epoch, each class reshuffled every
     epoch; it implies `shuffle`. The rarer class's images recur within an epoch (each time augmented anew), and

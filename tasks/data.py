@@ -34,8 +34,13 @@ def open_data(cfg: TrainConfig, handle: DataHandle) -> tuple[pd.DataFrame, Decod
     return manifest, decoded_images(manifest, cfg.image_size, cfg.cache_dir)
 
 
-def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, val: pd.DataFrame):
-    """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is."""
+def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, val: pd.DataFrame,
+                 mixup: bool = True):
+    """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is.
+
+    `mixup=False` leaves out `cfg.mixup` (the search: its trials train on plain images and take `class_weight`).
+    """
+    cfg = cfg if mixup else cfg.model_copy(update={"mixup": 0.0})
     return recipe_datasets(cfg, images.take(train), train["label"].to_numpy(), images.take(val),
                            val["label"].to_numpy())
 

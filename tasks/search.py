@@ -53,7 +53,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
     manifest, images = open_data(cfg, data)
     train = search_subset(manifest[manifest["split"] == "train"], cfg.search_fraction, cfg.seed)
     val = manifest[manifest["split"] == "val"]
-    train_ds, val_ds = fit_datasets(cfg, images, train, val)
+    train_ds, val_ds = fit_datasets(cfg, images, train, val, mixup=False)  # mixup is the final training's only
 
     space = cfg.search_space_params()
     # Resuming only makes sense for the same data, input size and space: they name the state folder.

@@ -125,6 +125,16 @@ def test_second_run_resumes_search_and_only_a_better_model_takes_champion(smoke_
         assert str(client.get_model_version_by_alias("cxr-pneumonia", "challenger").version) == "2"
 
 
+def test_mixup_trains_the_final_model_and_leaves_the_search_plain(tmp_path, real_subset) -> None:
+    # with class weights on (the default), a mixed search batch would carry sample weights next to
+    # `class_weight` and every trial would fail; the run must finish with both trials done and mixup logged
+    run = run_cxr_train(tmp_path, real_subset, "--mixup", "0.2", "--members", "1", "--snapshots", "1")
+    parent = MlflowClient(run.tracking_uri).get_run(run.result["run_id"])
+    assert parent.data.params["cfg/mixup"] == "0.2" and parent.data.params["cfg/class_weights"] == "True"
+    assert parent.data.metrics["search/completed_trials"] == 2
+    assert run.result["registered"]["version"] == "1"
+
+
 def test_cli_without_data_explains_where_to_get_it(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke"], cwd=tmp_path,
