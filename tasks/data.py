@@ -38,7 +38,7 @@ def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, v
                  mixup: bool = True):
     """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is.
 
-    `mixup=False` leaves out `cfg.mixup` (the search: its trials train on plain images and take `class_weight`).
+    `mixup=False` leaves out `cfg.mixup` (the search: its trials train on plain images).
     """
     cfg = cfg if mixup else cfg.model_copy(update={"mixup": 0.0})
     return recipe_datasets(cfg, images.take(train), train["label"].to_numpy(), images.take(val),

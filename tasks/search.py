@@ -15,7 +15,6 @@ from prefect.cache_policies import NONE
 
 from cxr_model.config import TrainConfig
 from cxr_model.search import ConvNetHyperModel, SearchSpace, make_tuner
-from cxr_model.train import loss_class_weights
 from tasks.data import DataHandle, fit_datasets, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
 
@@ -64,9 +63,8 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
         search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
     )
     tuner.parent_run_id = run_id
-    weights = loss_class_weights(cfg, train["label"].to_numpy())
     with in_run(run_id):
-        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs, class_weight=weights,
+        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs,  # class weights ride in train_ds
                      callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
                      verbose=0)
         scores = [t.score for t in tuner.oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]

@@ -179,7 +179,7 @@ def test_mixup_blends_images_labels_and_class_weights_alike() -> None:
     assert abs(labels.mean() - 0.5) < 0.2  # on average the split's own mix
 
 
-def test_mixup_moves_class_weights_into_the_pipeline() -> None:
+def test_run_pipeline_carries_the_class_weights_with_and_without_mixup() -> None:
     import tensorflow as tf
 
     tf.random.set_seed(0)
@@ -192,6 +192,10 @@ def test_mixup_moves_class_weights_into_the_pipeline() -> None:
     cw = loss_class_weights(cfg, labels)
     soft, weights = (np.concatenate([b[i].numpy() for b in batches]) for i in (1, 2))
     np.testing.assert_allclose(weights, cw[0] + (cw[1] - cw[0]) * soft, rtol=1e-5)  # the run's class weights
+    plain, _ = recipe_datasets(cfg.model_copy(update={"mixup": 0.0}), x, labels, x[:8], labels[:8])
+    batches = list(plain)  # one pass: each pass reshuffles
+    hard, weights = (np.concatenate([b[i].numpy() for b in batches]) for i in (1, 2))
+    np.testing.assert_allclose(weights, np.where(hard == 0, cw[0], cw[1]), rtol=1e-6)  # Keras' class_weight, as is
     history = fit_recipe(build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)), cfg, x,
                          labels, x[:8], labels[:8])  # no class_weight passed to fit next to sample weights
     assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])
