@@ -44,20 +44,28 @@ def region_shares(cams: np.ndarray) -> dict[str, np.ndarray]:
                 bottom=mass[:, r1:].sum(axis=(1, 2)))
 
 
+def class_region_shares(model: keras.Model, images: np.ndarray, labels: np.ndarray, per_class: int,
+                        seed: int) -> dict[str, dict]:
+    """{"NORMAL": ..., "PNEUMONIA": ...}: median region shares of the true class's maps over a fixed random draw of
+    up to `per_class` of `images` (N, S, S, 1) of each class, and how many were drawn."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        rows = np.flatnonzero(labels == label)
+        picks = np.sort(rng.choice(rows, min(per_class, len(rows)), replace=False))
+        shares = region_shares(gradcam(model, images[picks], classes=np.full(len(picks), label)))
+        out[name] = {k: float(np.median(v)) for k, v in shares.items()} | dict(images=len(picks))
+    return out
+
+
 def run_regions(folder: Path, cache_dir: Path, per_class: int, seed: int) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
     manifest = pd.read_csv(folder / "manifest.csv")
     val = manifest[manifest["split"] == "val"].sort_values("path")  # the test split is never decoded
-    images = decoded_images(val, meta["image_size"], cache_dir)
+    images = decoded_images(val, meta["image_size"], cache_dir).take(val)
     model = keras.models.load_model(folder / "model.keras", compile=False)
-    rng = np.random.default_rng(seed)
-    out = dict(run_id=meta.get("run_id", folder.name), image_size=meta["image_size"])
-    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
-        rows = val[val["label"] == label]
-        picks = rows.iloc[np.sort(rng.choice(len(rows), min(per_class, len(rows)), replace=False))]
-        shares = region_shares(gradcam(model, images.take(picks), classes=np.full(len(picks), label)))
-        out[name] = {k: float(np.median(v)) for k, v in shares.items()} | dict(images=len(picks))
-    return out
+    return dict(run_id=meta.get("run_id", folder.name), image_size=meta["image_size"],
+                **class_region_shares(model, images, val["label"].to_numpy(), per_class, seed))
 
 
 def main() -> None:

@@ -36,18 +36,18 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.gradcam_regions import region_shares  # noqa: E402
+from benchmarks.gradcam_regions import class_region_shares  # noqa: E402
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import CLEAN_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
-from cxr_model.gradcam import gradcam  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 
+# the default's augmentation ranges since session 3 (recipe `geometry`), the base of every later recipe
+GEOMETRY = dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
 # name -> (ConvNetConfig overrides, TrainConfig overrides)
 RECIPES: dict[str, tuple[dict, dict]] = {
@@ -65,7 +65,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # what stressed validation of `robust` and `robust+aspect` pointed at: the score follows how large and how
     # wide the chest sits in the frame (narrower -> PNEUMONIA under `robust`, a wider view -> PNEUMONIA
     # under `robust+aspect`), so widen every geometric range together (the default since session 3)
-    "geometry": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    "geometry": ({}, GEOMETRY),
     # what stressed validation of `geometry` pointed at: a scan of half the resolution costs specificity (0.83),
     # so blend in a random loss of resolution. Its `blur` stress is the augmentation's own extreme, so judge
     # it by the other stresses and clean validation too, not by `blur` alone (so judged: a wash, and not the
@@ -73,55 +73,44 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "geometry+resolution": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.5)),
     # global average pooling counts a feature the same wherever it sits, at the edge of the frame or over the
     # abdomen as much as in the lungs; a flatten head (the reference's) lets the dense layer weigh it by place
-    "geometry+flatten": (dict(head="flatten"),
-                         dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    "geometry+flatten": (dict(head="flatten"), GEOMETRY),
     # softer targets: a model that is never pushed to p = 0 or 1 may drift less far when the scanner changes
-    "geometry+smooth": (dict(label_smoothing=0.1),
-                        dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    "geometry+smooth": (dict(label_smoothing=0.1), GEOMETRY),
     # no class weights: the ~3:1 imbalance is left to the threshold (a NORMAL image weighs as much as a PNEUMONIA
     # one, not ~2.9x as much)
-    "geometry-class-weights": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
-                                        resolution=0.0, class_weights=False)),
+    "geometry-class-weights": ({}, dict(**GEOMETRY, class_weights=False)),
     # balanced sampling instead of class weights: NORMAL images recur ~1.9x as often, each time under a new
     # augmentation, so the model sees more of how a normal chest can look instead of weighing the same few views
     # 2.9x; the shift costs specificity, and normals are the class it misreads
-    "geometry+balanced": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0,
-                                   balanced_sampling=True)),
+    "geometry+balanced": ({}, dict(**GEOMETRY, balanced_sampling=True)),
     # histogram equalization instead of standardization: the model sees each pixel's rank within its image, so
     # no monotone exposure curve (a scanner's gamma, window and level) can move its score; the stresses that
     # are not exposure curves (blur, field of view, noise, shape) judge whether it costs anything else
-    "geometry+equalize": (dict(intensity="equalize"),
-                          dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
+    "geometry+equalize": (dict(intensity="equalize"), GEOMETRY),
     # input resolution (the quality issue's first lever): 160 px instead of 128, the same network, 1.56x its
     # FLOPs. The stride-2 stem leaves the first block 64 px at 128; the reference notebook's first conv sees 150
-    "geometry@160": ({}, dict(image_size=160, zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
-                              resolution=0.0)),
+    "geometry@160": ({}, dict(**GEOMETRY, image_size=160)),
     # band erasing: the Grad-CAM maps of whole flows put up to 0.46 of the NORMAL evidence in the bottom band (the
     # upper abdomen), and one such model read test normals badly (benchmarks/README.md, Where the evidence sits).
     # Blank a random band of up to 20% of the side at the top and at the bottom of every training image, so
     # what lies above and below the lungs stops being a reliable cue; judged by the stresses and by where the
     # Grad-CAM evidence of clean validation images sits (`cam`)
-    "geometry+erase": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0,
-                                erase=0.2)),
+    "geometry+erase": ({}, dict(**GEOMETRY, erase=0.2)),
     # the reference notebook's rotation range (30 degrees; the default's 0.04 turn is ~14): the reference reads
     # test specificity 0.82 where this project's flows read 0.68-0.78
-    "geometry+rot30": ({}, dict(rotation=30 / 360, zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
-                                resolution=0.0)),
+    "geometry+rot30": ({}, dict(**GEOMETRY, rotation=30 / 360)),
     # mixup (Zhang et al. 2018): train on blends of two images and of their labels. Soft targets between the
     # classes keep the score from resting on any one cue at full weight, and it is the textbook lever for
     # calibration under shift: what a shift moves is where on the score scale normals land
-    "geometry+mixup": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0,
-                                mixup=0.2)),
+    "geometry+mixup": ({}, dict(**GEOMETRY, mixup=0.2)),
     # width: 48 filters in the first block instead of 32 (48-96-192-256), 2.06x the FLOPs. The reference notebook,
     # which reads test specificity 0.82, spends ~4x this project's FLOPs per image; a wider net is the `full`
     # profile's lever (no time budget), not the default's
-    "geometry+wide": (dict(filters=48), dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
-                                            resolution=0.0)),
+    "geometry+wide": (dict(filters=48), GEOMETRY),
     # a longer schedule (the quality issue's lever): `geometry` runs all of its 12 epochs without early stopping
     # firing, so validation may still have been improving. 24 epochs, patience 6 (learning-rate cuts after 3 flat
     # epochs): the `full` profile's lever (no time budget), not the default's
-    "geometry+long": ({}, dict(epochs=24, patience=6, zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04,
-                               resolution=0.0)),
+    "geometry+long": ({}, dict(**GEOMETRY, epochs=24, patience=6)),
 }
 CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split into regions (a fixed draw)
 
@@ -152,12 +141,8 @@ def run(name: str, seed: int, splits) -> dict:
     p_val = predict(xv)
     thresholds = {rule: choose_threshold(yv, p_val, rule) for rule in CLEAN_RULES}
     p_stressed = stressed_scores(predict, xv)  # scored once, read by every rule
-    cam = {}  # median share of the true class's Grad-CAM evidence in the central box, the top and the bottom band
-    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
-        rows = np.flatnonzero(yv == label)
-        picks = np.sort(np.random.default_rng(0).choice(rows, min(CAM_PER_CLASS, len(rows)), replace=False))
-        shares = region_shares(gradcam(model, xv[picks], classes=np.full(len(picks), label)))
-        cam[cls] = {region: float(np.median(v)) for region, v in shares.items()}
+    # median share of the true class's Grad-CAM evidence in the central box, the top and the bottom band
+    cam = class_region_shares(model, xv, yv, CAM_PER_CLASS, seed=0)
     result = dict(recipe=name, seed=seed, augmentation=cfg.augmentation_params(), model_overrides=model_over,
                   train_overrides=train_over,
                   minutes=minutes, epochs=len(history.history["loss"]),
