@@ -111,6 +111,13 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # firing, so validation may still have been improving. 24 epochs, patience 6 (learning-rate cuts after 3 flat
     # epochs): the `full` profile's lever (no time budget), not the default's
     "geometry+long": ({}, dict(**GEOMETRY, epochs=24, patience=6)),
+    # residual blocks (the quality issue's search-space lever): each block's conv plus a shortcut from its input
+    # (a 1x1 projection, since every block here doubles the width), joined before the ReLU. At one conv per
+    # block this is RepVGG's training-time block (Ding et al. 2021) without its identity branch: ~1.1x the
+    # FLOPs, so it would fit the default's budget
+    "geometry+residual": (dict(block="residual"), GEOMETRY),
+    # two convs per block with the shortcut around them: ResNet's basic block (He et al. 2016), ~2x the FLOPs
+    "geometry+residual2": (dict(block="residual", convs_per_block=2), GEOMETRY),
 }
 CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split into regions (a fixed draw)
 

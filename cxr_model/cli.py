@@ -38,6 +38,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--members", type=int,
                    help="train the chosen network this many times (seeds seed, seed+1, ...) and average them (1: one)")
     p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
+    p.add_argument("--block", choices=["plain", "residual"],
+                   help="conv block: a chain of convs, or the chain plus a shortcut from its input (ResNet)")
     p.add_argument("--intensity", choices=["standardize", "equalize"],
                    help="per-image intensity normalisation: zero mean and unit variance, or histogram equalization")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)

@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     search_dense_units: tuple[int, ...] = (0, 64, 128)
     search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
     head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
+    block: Literal["plain", "residual"] = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
     # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
     intensity: Literal["standardize", "equalize"] = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
@@ -133,8 +134,9 @@ class TrainConfig(BaseModel):
         """Keyword arguments of `SearchSpace` for this run."""
         return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
-                    learning_rate=self.search_learning_rate, fixed=dict(head=self.head, intensity=self.intensity,
-                                                                       label_smoothing=self.label_smoothing))
+                    learning_rate=self.search_learning_rate,
+                    fixed=dict(head=self.head, block=self.block, intensity=self.intensity,
+                               label_smoothing=self.label_smoothing))
 
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""

@@ -18,6 +18,9 @@ class ConvNetConfig:
     filters: int = 32  # filters of the first block, doubled per block (capped at max_filters)
     max_filters: int = 256
     convs_per_block: int = 1  # 3x3 conv + BN + ReLU repeats inside a block
+    # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
+    # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
+    block: Literal["plain", "residual"] = "plain"
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
@@ -70,11 +73,24 @@ class HistogramEqualization(layers.Layer):
 INTENSITY_LAYERS = {"standardize": PerImageStandardization, "equalize": HistogramEqualization}
 
 
-def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = ""):
-    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = "", kernel: int = 3, relu: bool = True):
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9 (Keras: 0.99): moving statistics settle within ~50 steps, so the validation score of a
     # 2-epoch search trial measures the weights, not half-initialised batch-norm statistics.
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _block(x, filters: int, convs: int, residual: bool, name: str):
+    """`convs` 3x3 conv + BN + ReLU in a chain; residual: the input's shortcut joins before the last ReLU."""
+    inputs = x
+    for c in range(convs):
+        x = _conv_bn_relu(x, filters, name=f"{name}_{c + 1}", relu=not (residual and c == convs - 1))
+    if not residual:
+        return x
+    shortcut = inputs if inputs.shape[-1] == filters else _conv_bn_relu(
+        inputs, filters, kernel=1, relu=False, name=f"{name}_shortcut")  # projection where the width changes
+    x = layers.Add(name=f"{name}_add")([x, shortcut])
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -85,8 +101,7 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     x = _conv_bn_relu(x, max(cfg.filters // 2, 8), strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)
-        for c in range(cfg.convs_per_block):
-            x = _conv_bn_relu(x, width, name=f"block{b + 1}_{c + 1}")
+        x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
             x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
     # flatten: the dense layer sees where in the frame each feature is (B, H*W*C); gap: only how much (B, C)
@@ -266,6 +281,8 @@ def count_flops(cfg: ConvNetConfig) -> int:
     channels = stem
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)
+        if cfg.block == "residual" and channels != width:  # the 1x1 projection of the shortcut
+            flops += 2 * side * side * channels * width
         for _ in range(cfg.convs_per_block):
             flops += 2 * side * side * 9 * channels * width
             channels = width

@@ -41,6 +41,36 @@ def test_block_count_and_width(blocks: int) -> None:
     assert "dense" not in [layer.name for layer in model.layers]
 
 
+def test_residual_blocks_add_a_shortcut_from_each_blocks_input(tmp_path: Path) -> None:
+    # stem 8 -> block1 8 (width stays: identity shortcut) -> block2 16 (width changes: 1x1 projection)
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, convs_per_block=2, dense_units=0, block="residual")
+    model = build_convnet(cfg)
+    names = [layer.name for layer in model.layers]
+    assert {"block1_add", "block2_add", "block2_shortcut_conv"} <= set(names)
+    assert "block1_shortcut_conv" not in names and model.get_layer("block2_shortcut_conv").kernel_size == (1, 1)
+    plain = build_convnet(ConvNetConfig(**{**cfg.to_dict(), "block": "plain"}))
+    assert not any(name.endswith(("_add", "_shortcut_conv")) for name in [layer.name for layer in plain.layers])
+    assert count_flops(cfg) - count_flops(ConvNetConfig(**{**cfg.to_dict(), "block": "plain"})) \
+        == 2 * 8 * 8 * 8 * 16  # block2's projection: 8 x 8 places (32 -> stem 16 -> pool 8), 8 -> 16 channels
+    # with block1's main path silenced the block passes its input through: ReLU(0 + x) = x for x >= 0
+    for layer in ("block1_1_conv", "block1_2_conv"):
+        model.get_layer(layer).kernel.assign(np.zeros(model.get_layer(layer).kernel.shape))
+    for bn in ("block1_1_bn", "block1_2_bn"):  # BN of a zero map: beta, here 0 (untrained)
+        assert not np.asarray(model.get_layer(bn).beta).any()
+    probe = keras.Model(model.inputs, [model.get_layer("stem_relu").output, model.get_layer("block1_relu").output])
+    x = np.random.default_rng(5).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    block_in, block_out = (np.asarray(t) for t in probe(x, training=False))
+    np.testing.assert_allclose(block_out, block_in, atol=1e-5)
+    assert block_in.std() > 0.1  # a real signal went through
+    # saved and loaded like a plain convnet; Grad-CAM reads the last block's output after the shortcut
+    from cxr_model.gradcam import last_feature_layer
+
+    assert last_feature_layer(model) == "block2_relu"
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
+
+
 def test_standardization_removes_exposure_differences() -> None:
     x = np.random.default_rng(1).uniform(0, 100, (2, 16, 16, 1)).astype("float32")
     layer = PerImageStandardization()
