@@ -90,6 +90,10 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # input resolution (the quality issue's first lever): 160 px instead of 128, the same network, 1.56x its
     # FLOPs. The stride-2 stem leaves the first block 64 px at 128; the reference notebook's first conv sees 150
     "geometry@160": ({}, dict(**GEOMETRY, image_size=160)),
+    # the other way: 96 px, 0.56x the FLOPs. Coarser input leaves less fine texture to learn (the `blur`
+    # stress, a scan of lower native resolution, is where `geometry` loses most specificity) and buys epochs
+    # or members within a time budget
+    "geometry@96": ({}, dict(**GEOMETRY, image_size=96)),
     # band erasing: the Grad-CAM maps of whole flows put up to 0.46 of the NORMAL evidence in the bottom band (the
     # upper abdomen), and one such model read test normals badly (benchmarks/README.md, Where the evidence sits).
     # Blank a random band of up to 20% of the side at the top and at the bottom of every training image, so
