@@ -87,6 +87,11 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # no monotone exposure curve (a scanner's gamma, window and level) can move its score; the stresses that
     # are not exposure curves (blur, field of view, noise, shape) judge whether it costs anything else
     "geometry+equalize": (dict(intensity="equalize"), GEOMETRY),
+    # no per-image normalisation: 0..255 -> -1..1 for every image (the reference notebook's /255). Standardizing
+    # measures the lungs against the whole frame, so more dark background (the `wider_view` stress, where
+    # `geometry` loses most specificity) makes the same lungs read brighter, i.e. more opaque; exposure is left to
+    # the augmentation's gamma, contrast and brightness
+    "geometry+rescale": (dict(intensity="rescale"), GEOMETRY),
     # input resolution (the quality issue's first lever): 160 px instead of 128, the same network, 1.56x its
     # FLOPs. The stride-2 stem leaves the first block 64 px at 128; the reference notebook's first conv sees 150
     "geometry@160": ({}, dict(**GEOMETRY, image_size=160)),

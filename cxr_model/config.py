@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
     head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
     block: Literal["plain", "residual"] = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
     # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
-    intensity: Literal["standardize", "equalize"] = "standardize"
+    intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
     search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)

@@ -24,8 +24,8 @@ class ConvNetConfig:
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
-    # equalization), the same for every monotone exposure curve
-    intensity: Literal["standardize", "equalize"] = "standardize"
+    # equalization), the same for every monotone exposure curve; rescale: 0..255 -> -1..1 for every image alike
+    intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
     dropout: float = 0.3  # after the pooling / flatten
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
@@ -70,7 +70,21 @@ class HistogramEqualization(layers.Layer):
         return input_shape
 
 
-INTENSITY_LAYERS = {"standardize": PerImageStandardization, "equalize": HistogramEqualization}
+@keras.saving.register_keras_serializable(package="cxr_model")
+class FixedRescaling(layers.Layer):
+    """0..255 to -1..1, the same affine map for every image (the reference notebook divides by 255).
+
+    Per-image standardization and equalization measure a pixel against the rest of its frame, so a wider field
+    of view (more dark background) or a brighter abdomen changes how bright the lungs read; here a grey level
+    reads the same whatever else the frame holds, and exposure differences are left to the augmentation.
+    """
+
+    def call(self, x):
+        return x / 127.5 - 1.0
+
+
+INTENSITY_LAYERS = {"standardize": PerImageStandardization, "equalize": HistogramEqualization,
+                    "rescale": FixedRescaling}
 
 
 def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = "", kernel: int = 3, relu: bool = True):

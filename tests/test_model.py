@@ -11,6 +11,7 @@ import pytest
 
 from cxr_model.model import (
     ConvNetConfig,
+    FixedRescaling,
     HistogramEqualization,
     PerImageStandardization,
     build_augmentation,
@@ -79,6 +80,18 @@ def test_standardization_removes_exposure_differences() -> None:
     np.testing.assert_allclose(a.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
 
 
+def test_fixed_rescaling_reads_a_grey_level_the_same_whatever_the_frame_holds() -> None:
+    x = np.random.default_rng(6).uniform(0, 255, (2, 16, 16, 1)).astype("float32")
+    wider = x.copy()
+    wider[:, :4] = 0.0  # a dark border added around the same centre
+    layer = FixedRescaling()
+    np.testing.assert_allclose(np.asarray(layer(np.array([0.0, 127.5, 255.0]))), [-1.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer(wider))[:, 4:], np.asarray(layer(x))[:, 4:], atol=1e-6)
+    # standardization reads the untouched pixels differently once the border is there
+    assert not np.allclose(np.asarray(PerImageStandardization()(wider))[:, 4:],
+                           np.asarray(PerImageStandardization()(x))[:, 4:], atol=0.05)
+
+
 def test_equalization_ignores_any_monotone_exposure_curve() -> None:
     rng = np.random.default_rng(3)
     x = rng.uniform(1, 255, (3, 24, 24, 1)).astype("float32")
@@ -97,7 +110,7 @@ def test_equalization_ignores_any_monotone_exposure_curve() -> None:
     assert (np.diff(a[1].ravel()[order]) > 0).all()  # each pixel keeps its rank
 
 
-@pytest.mark.parametrize("intensity", ["standardize", "equalize"])
+@pytest.mark.parametrize("intensity", ["standardize", "equalize", "rescale"])
 def test_model_round_trips_through_keras_file(tmp_path: Path, intensity: str) -> None:
     model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, intensity=intensity))
     assert model.layers[1].name == intensity
