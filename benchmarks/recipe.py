@@ -4,7 +4,8 @@
     python benchmarks/recipe.py --recipes base geometry --seeds 2
 
 The test split is never read here (the script does not even load it). Each recipe trains the default
-profile's architecture on the patient-grouped train split and is scored on
+profile's architecture on the patient-grouped train split (a recipe with `members=N` trains it N times, seeds
+seed..seed+N-1, and scores the mean of their predictions, as a flow's `--members N` does) and is scored on
 
 - the clean validation split (ROC AUC, and each threshold rule's held-out balanced accuracy from
   repeated 2-fold cross-fitting inside validation, see `cxr_model.evaluate.cross_fit_rules`), and
@@ -42,7 +43,7 @@ from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import CLEAN_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
-from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
+from cxr_model.model import ConvNetConfig, build_convnet, mean_ensemble  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 
@@ -99,6 +100,8 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # stress, a scan of lower native resolution, is where `geometry` loses most specificity) and buys epochs
     # or members within a time budget
     "geometry@96": ({}, dict(**GEOMETRY, image_size=96)),
+    # what 96 px buys: two members (seeds 0 and 1) averaged, in about the time of one network at 128 px
+    "geometry@96x2": ({}, dict(**GEOMETRY, image_size=96, members=2)),
     # band erasing: the Grad-CAM maps of whole flows put up to 0.46 of the NORMAL evidence in the bottom band (the
     # upper abdomen), and one such model read test normals badly (benchmarks/README.md, Where the evidence sits).
     # Blank a random band of up to 20% of the side at the top and at the bottom of every training image, so
@@ -147,11 +150,16 @@ def train_and_validation(data_dir: str | None, image_size: int | None = None) ->
 def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
     cfg = load_config("default", seed=seed, train_minutes=0, **train_over)  # no time budget: every recipe's 12 epochs
-    keras.utils.set_random_seed(seed)
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
-    model = build_convnet(ConvNetConfig(image_size=cfg.image_size, **{**BASE, **model_over}))
-    started = time.perf_counter()
-    history = fit_recipe(model, cfg, xt, yt, xv, yv)
+    net = ConvNetConfig(image_size=cfg.image_size, **{**BASE, **model_over})
+    started, weights, epochs = time.perf_counter(), [], []
+    for member in range(cfg.members):  # as the flow trains members: seeds seed, seed+1, ...; their mean is the model
+        keras.utils.set_random_seed(seed + member)
+        model = build_convnet(net)
+        history = fit_recipe(model, cfg.model_copy(update=dict(seed=seed + member)), xt, yt, xv, yv)
+        weights.append(model.get_weights())  # fit_recipe leaves the model on its best epoch
+        epochs.append(len(history.history["loss"]))
+    model = mean_ensemble(net, weights)
     minutes = (time.perf_counter() - started) / 60
     predict = compile_forward(model)
     p_val = predict(xv)
@@ -161,7 +169,7 @@ def run(name: str, seed: int, splits) -> dict:
     cam = class_region_shares(model, xv, yv, CAM_PER_CLASS, seed=0)
     result = dict(recipe=name, seed=seed, augmentation=cfg.augmentation_params(), model_overrides=model_over,
                   train_overrides=train_over,
-                  minutes=minutes, epochs=len(history.history["loss"]),
+                  minutes=minutes, epochs=epochs[0] if len(epochs) == 1 else epochs,
                   thresholds=thresholds, val_auc=binary_metrics(yv, p_val, 0.5)["roc_auc"],
                   cross_fit=cross_fit_rules(yv, p_val), cam=cam, stressed={})
     for rule, t in thresholds.items():
@@ -198,7 +206,7 @@ def main() -> None:
             cf = r["cross_fit"].get(rule, {}).get("balanced_accuracy", float("nan"))
             st = statistics.mean(v["balanced_accuracy"] for v in r["stressed"][rule].values())
             cells.append(f"{cf:.3f}/{st:.3f}")
-        print(f"{r['recipe']:24s} {r['seed']:4d} {r['minutes']:5.1f} {r['epochs']:3d} {r['val_auc']:8.4f} "
+        print(f"{r['recipe']:24s} {r['seed']:4d} {r['minutes']:5.1f} {str(r['epochs']):>3s} {r['val_auc']:8.4f} "
               f"{st_auc:10.4f}  " + "  ".join(f"{c:>14s}" for c in cells))
     out = HERE / "results" / "recipe.json"
     out.parent.mkdir(exist_ok=True)
