@@ -129,6 +129,11 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # FLOPs, so it would fit the default's budget
     "geometry+residual": (dict(block="residual"), GEOMETRY),
     # two convs per block with the shortcut around them: ResNet's basic block (He et al. 2016), ~2x the FLOPs
+    # anti-aliased downsampling (BlurPool, Zhang 2019): `blur` (a scan of half the native resolution) is where
+    # `geometry` loses most specificity after the wider view, i.e. the model reads fine detail as NORMAL; a strided
+    # stem and max-pools alias such detail into coarse patterns. Filtering before each subsampling keeps only what
+    # the coarser grid can hold. The stem convolves at full resolution (its FLOPs x4, ~1.1x in all)
+    "geometry+antialias": (dict(antialias=True), GEOMETRY),
     "geometry+residual2": (dict(block="residual", convs_per_block=2), GEOMETRY),
 }
 CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split into regions (a fixed draw)

@@ -65,6 +65,7 @@ class TrainConfig(BaseModel):
     search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
     head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
     block: Literal["plain", "residual"] = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
+    antialias: bool = False  # anti-aliased downsampling in every trial (cxr_model.model.ConvNetConfig.antialias)
     # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
     intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
@@ -135,7 +136,7 @@ class TrainConfig(BaseModel):
         return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
                     learning_rate=self.search_learning_rate,
-                    fixed=dict(head=self.head, block=self.block, intensity=self.intensity,
+                    fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
                                label_smoothing=self.label_smoothing))
 
     def augmentation_params(self) -> dict[str, float | int]:

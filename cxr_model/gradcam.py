@@ -6,12 +6,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr_model.model import ensemble_members
+from cxr_model.model import BlurPool2D, ensemble_members
 
 
 def last_feature_layer(model: keras.Model) -> str:
     """Name of the last non-pooling layer with a spatial (B, H, W, C) output: the finest late features."""
-    skip = (keras.layers.InputLayer, keras.layers.MaxPooling2D)
+    skip = (keras.layers.InputLayer, keras.layers.MaxPooling2D, BlurPool2D)
     spatial = [layer.name for layer in model.layers
                if len(layer.output.shape) == 4 and not isinstance(layer, skip) and layer.output.shape[1] > 1]
     if not spatial:

@@ -21,6 +21,9 @@ class ConvNetConfig:
     # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
     # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
     block: Literal["plain", "residual"] = "plain"
+    # anti-aliased downsampling (Zhang 2019): the stem convolves at full resolution and every downsampling (the
+    # stem's stride and each max-pool) low-pass filters before it subsamples (`BlurPool2D`)
+    antialias: bool = False
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
@@ -87,6 +90,30 @@ INTENSITY_LAYERS = {"standardize": PerImageStandardization, "equalize": Histogra
                     "rescale": FixedRescaling}
 
 
+@keras.saving.register_keras_serializable(package="cxr_model")
+class BlurPool2D(layers.Layer):
+    """Low-pass, then keep every second pixel: a fixed [1, 2, 1] x [1, 2, 1] / 16 filter per channel, stride 2.
+
+    Plain stride-2 subsampling (a strided conv, the max-pool's stride) aliases: detail finer than the new grid
+    folds into coarse patterns that move with a one-pixel shift and vanish when the scan is a little blurrier.
+    Filtering first keeps only what the coarser grid can hold (Zhang, "Making Convolutional Networks
+    Shift-Invariant Again", ICML 2019). Edges are reflected, so a border does not darken.
+    """
+
+    def build(self, input_shape):
+        taps = tf.constant([1.0, 2.0, 1.0])
+        kernel = tf.tensordot(taps, taps, axes=0) / 16.0  # (3, 3), sums to 1
+        self.kernel = tf.tile(kernel[:, :, None, None], (1, 1, int(input_shape[-1]), 1))  # (3, 3, C, 1)
+
+    def call(self, x):
+        x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+        return tf.nn.depthwise_conv2d(x, self.kernel, strides=[1, 2, 2, 1], padding="VALID")
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return b, None if h is None else -(-h // 2), None if w is None else -(-w // 2), c
+
+
 def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = "", kernel: int = 3, relu: bool = True):
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9 (Keras: 0.99): moving statistics settle within ~50 steps, so the validation score of a
@@ -112,12 +139,20 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     """Binary classifier, compiled for training unless `compile=False`; preprocessing lives inside the model."""
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
     x = INTENSITY_LAYERS[cfg.intensity](name=cfg.intensity)(inputs)
-    x = _conv_bn_relu(x, max(cfg.filters // 2, 8), strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
+    stem = max(cfg.filters // 2, 8)
+    if cfg.antialias and cfg.stem_stride == 2:  # convolve at full resolution, then filter and subsample
+        x = BlurPool2D(name="stem_blurpool")(_conv_bn_relu(x, stem, name="stem"))
+    else:
+        x = _conv_bn_relu(x, stem, strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)
         x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
-            x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
+            if cfg.antialias:  # the max over each 2x2 window at every place, then filter and subsample
+                x = layers.MaxPooling2D(strides=1, padding="same", name=f"block{b + 1}_maxpool")(x)
+                x = BlurPool2D(name=f"block{b + 1}_pool")(x)
+            else:
+                x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
     # flatten: the dense layer sees where in the frame each feature is (B, H*W*C); gap: only how much (B, C)
     pool = layers.Flatten(name="flatten") if cfg.head == "flatten" else layers.GlobalAveragePooling2D(name="gap")
     x = pool(x)
@@ -290,8 +325,11 @@ def count_flops(cfg: ConvNetConfig) -> int:
     """Forward multiply-adds x2 of the conv and dense layers for one image (training step ~3x this)."""
     side, channels, flops = cfg.image_size, 1, 0
     stem = max(cfg.filters // 2, 8)
+    blur = cfg.antialias and cfg.stem_stride == 2  # the stem convolves at full resolution, then filters
+    if blur:
+        flops += 2 * side * side * 9 * channels * stem
     side = -(-side // cfg.stem_stride)
-    flops += 2 * side * side * 9 * channels * stem
+    flops += 2 * side * side * 9 * stem * (1 if blur else channels)  # the blur (per channel) or the strided conv
     channels = stem
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)
@@ -300,6 +338,8 @@ def count_flops(cfg: ConvNetConfig) -> int:
         for _ in range(cfg.convs_per_block):
             flops += 2 * side * side * 9 * channels * width
             channels = width
+        if cfg.antialias and side >= 2:  # 3x3 per-channel filter at the halved side
+            flops += 2 * -(-side // 2) ** 2 * 9 * channels
         side = side // 2 if side >= 2 else side
     features = channels * (side * side if cfg.head == "flatten" else 1)
     if cfg.dense_units:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cxr_model.model import (
+    BlurPool2D,
     ConvNetConfig,
     FixedRescaling,
     HistogramEqualization,
@@ -67,6 +68,42 @@ def test_residual_blocks_add_a_shortcut_from_each_blocks_input(tmp_path: Path) -
     from cxr_model.gradcam import last_feature_layer
 
     assert last_feature_layer(model) == "block2_relu"
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
+
+
+def test_blurpool_keeps_what_the_coarser_grid_can_hold() -> None:
+    pool = BlurPool2D()
+    ones = np.ones((1, 7, 7, 2), "float32")
+    out = np.asarray(pool(ones))
+    assert out.shape == (1, 4, 4, 2)  # ceil(7 / 2)
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)  # reflected edges: a flat image stays flat, borders too
+    # a checkerboard at the finest scale: plain subsampling reads all 0 or all 1 depending on a one-pixel shift
+    board = (np.indices((16, 16)).sum(axis=0) % 2).astype("float32")[None, :, :, None]
+    shifted = np.roll(board, 1, axis=2)
+    assert board[:, ::2, ::2].max() == 0 and shifted[:, ::2, ::2].min() == 1  # aliasing
+    pool = BlurPool2D()  # a layer is built for one channel count
+    a, b = np.asarray(pool(board)), np.asarray(pool(shifted))
+    np.testing.assert_allclose(a[:, 1:-1, 1:-1], 0.5, atol=1e-6)  # filtered away: mid-grey either way
+    np.testing.assert_allclose(a[:, 1:-1, 1:-1], b[:, 1:-1, 1:-1], atol=1e-6)
+
+
+def test_antialiased_convnet_filters_before_every_subsampling(tmp_path: Path) -> None:
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0, antialias=True)
+    model = build_convnet(cfg)
+    pools = [layer for layer in model.layers if isinstance(layer, BlurPool2D)]
+    assert [p.name for p in pools] == ["stem_blurpool", "block1_pool", "block2_pool"]
+    assert model.get_layer("stem_conv").strides == (1, 1)  # the stem sees full resolution
+    assert all(layer.strides == (1, 1) for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D))
+    assert pools[-1].output.shape[1:3] == (4, 4)  # 32 -> 16 -> 8 -> 4, as without it
+    plain = ConvNetConfig(**{**cfg.to_dict(), "antialias": False})
+    assert build_convnet(plain).count_params() == model.count_params()  # the filters are fixed, not trained
+    assert count_flops(cfg) > count_flops(plain)
+    from cxr_model.gradcam import last_feature_layer
+
+    assert last_feature_layer(model) == "block2_1_relu"  # the features, not their filtered copy
+    x = np.random.default_rng(7).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
     np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
