@@ -187,8 +187,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # the best model the project makes, 35-45 minutes on 2 CPU cores: the default's search, then the chosen
     # network trained three times in full (no time budget) and averaged. Of the levers measured on validation only
     # independently trained members beat the single model under the held-out stresses (benchmarks/README.md,
-    # Snapshot ensembles); 160 px (session 8), 1.5x the width and 24 epochs (session 9) lost there, and a longer
-    # search and a wider search space are unmeasured.
+    # Snapshot ensembles); 160 px (session 8), 1.5x the width and 24 epochs (session 9), residual blocks and
+    # anti-aliasing (session 10) lost there, and a longer search and a wider search space are unmeasured.
     "full": dict(**_WHOLE_DATA_RECIPE, members=3),
 }
 
