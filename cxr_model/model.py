@@ -21,9 +21,9 @@ class ConvNetConfig:
     # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
     # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
     block: Literal["plain", "residual"] = "plain"
-    # anti-aliased downsampling (Zhang 2019): the stem convolves at full resolution and every downsampling (the
-    # stem's stride and each max-pool) low-pass filters before it subsamples (`BlurPool2D`)
-    antialias: bool = False
+    # anti-aliased downsampling (Zhang 2019; `BlurPool2D`): stem: the stem convolves at full resolution, then
+    # low-pass filters before it subsamples; all: each max-pool filters before it subsamples too
+    antialias: Literal["none", "stem", "all"] = "none"
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
@@ -140,7 +140,7 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
     x = INTENSITY_LAYERS[cfg.intensity](name=cfg.intensity)(inputs)
     stem = max(cfg.filters // 2, 8)
-    if cfg.antialias and cfg.stem_stride == 2:  # convolve at full resolution, then filter and subsample
+    if cfg.antialias != "none" and cfg.stem_stride == 2:  # convolve at full resolution, then filter and subsample
         x = BlurPool2D(name="stem_blurpool")(_conv_bn_relu(x, stem, name="stem"))
     else:
         x = _conv_bn_relu(x, stem, strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
@@ -148,7 +148,7 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
         width = min(cfg.filters * 2**b, cfg.max_filters)
         x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
-            if cfg.antialias:  # the max over each 2x2 window at every place, then filter and subsample
+            if cfg.antialias == "all":  # the max over each 2x2 window at every place, then filter and subsample
                 x = layers.MaxPooling2D(strides=1, padding="same", name=f"block{b + 1}_maxpool")(x)
                 x = BlurPool2D(name=f"block{b + 1}_pool")(x)
             else:
@@ -325,7 +325,7 @@ def count_flops(cfg: ConvNetConfig) -> int:
     """Forward multiply-adds x2 of the conv and dense layers for one image (training step ~3x this)."""
     side, channels, flops = cfg.image_size, 1, 0
     stem = max(cfg.filters // 2, 8)
-    blur = cfg.antialias and cfg.stem_stride == 2  # the stem convolves at full resolution, then filters
+    blur = cfg.antialias != "none" and cfg.stem_stride == 2  # the stem convolves at full resolution, then filters
     if blur:
         flops += 2 * side * side * 9 * channels * stem
     side = -(-side // cfg.stem_stride)
@@ -338,8 +338,9 @@ def count_flops(cfg: ConvNetConfig) -> int:
         for _ in range(cfg.convs_per_block):
             flops += 2 * side * side * 9 * channels * width
             channels = width
-        if cfg.antialias and side >= 2:  # 3x3 per-channel filter at the halved side
-            flops += 2 * -(-side // 2) ** 2 * 9 * channels
+        if cfg.antialias == "all" and side >= 2:  # 3x3 per-channel filter at the halved side
+            half = -(-side // 2)  # the filter's output side: ceil(side / 2)
+            flops += 2 * half * half * 9 * channels
         side = side // 2 if side >= 2 else side
     features = channels * (side * side if cfg.head == "flatten" else 1)
     if cfg.dense_units:

@@ -69,12 +69,12 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     argv = ["train", "--profile", "default", "--head", "flatten", "--threshold-rule", "margin", "--train-minutes", "0",
             "--snapshots", "2", "--members", "3", "--intensity", "equalize",
             "--balanced-sampling", "--mixup", "0.3", "--block", "residual",
-            "--antialias"]
+            "--antialias", "stem"]
     cfg = load_config("default", **train_overrides(build_parser().parse_args(argv)))
     assert cfg.head == "flatten" and cfg.search_space_params()["fixed"]["head"] == "flatten"
     assert cfg.search_space_params()["fixed"]["intensity"] == "equalize"
     assert cfg.search_space_params()["fixed"]["block"] == "residual" and load_config("default").block == "plain"
-    assert cfg.search_space_params()["fixed"]["antialias"] and not load_config("default").antialias
+    assert cfg.search_space_params()["fixed"]["antialias"] == "stem" and load_config("default").antialias == "none"
     assert load_config("default").intensity == "standardize"
     assert cfg.balanced_sampling and not load_config("default").balanced_sampling
     assert cfg.mixup == 0.3 and load_config("default").mixup == 0

@@ -90,19 +90,23 @@ def test_blurpool_keeps_what_the_coarser_grid_can_hold() -> None:
 
 
 def test_antialiased_convnet_filters_before_every_subsampling(tmp_path: Path) -> None:
-    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0, antialias=True)
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0, antialias="all")
     model = build_convnet(cfg)
     pools = [layer for layer in model.layers if isinstance(layer, BlurPool2D)]
     assert [p.name for p in pools] == ["stem_blurpool", "block1_pool", "block2_pool"]
     assert model.get_layer("stem_conv").strides == (1, 1)  # the stem sees full resolution
     assert all(layer.strides == (1, 1) for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D))
     assert pools[-1].output.shape[1:3] == (4, 4)  # 32 -> 16 -> 8 -> 4, as without it
-    plain = ConvNetConfig(**{**cfg.to_dict(), "antialias": False})
+    plain = ConvNetConfig(**{**cfg.to_dict(), "antialias": "none"})
     assert build_convnet(plain).count_params() == model.count_params()  # the filters are fixed, not trained
     assert count_flops(cfg) > count_flops(plain)
     from cxr_model.gradcam import last_feature_layer
 
     assert last_feature_layer(model) == "block2_1_relu"  # the features, not their filtered copy
+    stem_only = build_convnet(ConvNetConfig(**{**cfg.to_dict(), "antialias": "stem"}))
+    assert [layer.name for layer in stem_only.layers if isinstance(layer, BlurPool2D)] == ["stem_blurpool"]
+    assert all(layer.strides == (2, 2) for layer in stem_only.layers if isinstance(layer, keras.layers.MaxPooling2D))
+    assert count_flops(plain) < count_flops(ConvNetConfig(**{**cfg.to_dict(), "antialias": "stem"})) < count_flops(cfg)
     x = np.random.default_rng(7).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
