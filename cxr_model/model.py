@@ -34,6 +34,11 @@ class ConvNetConfig:
     learning_rate: float = 1e-3
     label_smoothing: float = 0.0
 
+    @property
+    def blurred_stem(self) -> bool:
+        """The stem convolves at full resolution and `BlurPool2D` subsamples (anti-aliasing of a stride-2 stem)."""
+        return self.antialias != "none" and self.stem_stride == 2
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -140,7 +145,7 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
     x = INTENSITY_LAYERS[cfg.intensity](name=cfg.intensity)(inputs)
     stem = max(cfg.filters // 2, 8)
-    if cfg.antialias != "none" and cfg.stem_stride == 2:  # convolve at full resolution, then filter and subsample
+    if cfg.blurred_stem:  # convolve at full resolution, then filter and subsample
         x = BlurPool2D(name="stem_blurpool")(_conv_bn_relu(x, stem, name="stem"))
     else:
         x = _conv_bn_relu(x, stem, strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
@@ -325,8 +330,8 @@ def count_flops(cfg: ConvNetConfig) -> int:
     """Forward multiply-adds x2 of the conv and dense layers for one image (training step ~3x this)."""
     side, channels, flops = cfg.image_size, 1, 0
     stem = max(cfg.filters // 2, 8)
-    blur = cfg.antialias != "none" and cfg.stem_stride == 2  # the stem convolves at full resolution, then filters
-    if blur:
+    blur = cfg.blurred_stem
+    if blur:  # the stem convolves at full resolution, then filters
         flops += 2 * side * side * 9 * channels * stem
     side = -(-side // cfg.stem_stride)
     flops += 2 * side * side * 9 * stem * (1 if blur else channels)  # the blur (per channel) or the strided conv

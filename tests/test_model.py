@@ -50,10 +50,11 @@ def test_residual_blocks_add_a_shortcut_from_each_blocks_input(tmp_path: Path) -
     names = [layer.name for layer in model.layers]
     assert {"block1_add", "block2_add", "block2_shortcut_conv"} <= set(names)
     assert "block1_shortcut_conv" not in names and model.get_layer("block2_shortcut_conv").kernel_size == (1, 1)
-    plain = build_convnet(ConvNetConfig(**{**cfg.to_dict(), "block": "plain"}))
+    plain_cfg = ConvNetConfig(**{**cfg.to_dict(), "block": "plain"})
+    plain = build_convnet(plain_cfg)
     assert not any(name.endswith(("_add", "_shortcut_conv")) for name in [layer.name for layer in plain.layers])
-    assert count_flops(cfg) - count_flops(ConvNetConfig(**{**cfg.to_dict(), "block": "plain"})) \
-        == 2 * 8 * 8 * 8 * 16  # block2's projection: 8 x 8 places (32 -> stem 16 -> pool 8), 8 -> 16 channels
+    # block2's projection: 8 x 8 places (32 -> stem 16 -> pool 8), 8 -> 16 channels
+    assert count_flops(cfg) - count_flops(plain_cfg) == 2 * 8 * 8 * 8 * 16
     # with block1's main path silenced the block passes its input through: ReLU(0 + x) = x for x >= 0
     for layer in ("block1_1_conv", "block1_2_conv"):
         model.get_layer(layer).kernel.assign(np.zeros(model.get_layer(layer).kernel.shape))
