@@ -138,6 +138,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # (session 10: `all` took 1.66x the time for 1.04x the counted FLOPs)
     "geometry+antialias-stem": (dict(antialias="stem"), GEOMETRY),
     "geometry+residual2": (dict(block="residual", convs_per_block=2), GEOMETRY),
+    # the max-pools alone (session 10: `all` raised every shape stress and the worst, `stem` alone bought none of
+    # it for 1.40x the time, so the gains sit in the filtered max-pools); the stem stays a strided conv
+    "geometry+antialias-pools": (dict(antialias="pools"), GEOMETRY),
 }
 CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split into regions (a fixed draw)
 

@@ -40,9 +40,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
     p.add_argument("--block", choices=["plain", "residual"],
                    help="conv block: a chain of convs, or the chain plus a shortcut from its input (ResNet)")
-    p.add_argument("--antialias", choices=["none", "stem", "all"],
-                   help="low-pass filter before downsampling (BlurPool): in a full-resolution stem, or there and in "
-                        "every max-pool")
+    p.add_argument("--antialias", choices=["none", "stem", "pools", "all"],
+                   help="low-pass filter before downsampling (BlurPool): in a full-resolution stem, in every "
+                        "max-pool, or both")
     p.add_argument("--intensity", choices=["standardize", "equalize", "rescale"],
                    help="intensity normalisation: per image to zero mean and unit variance, per image by histogram "
                         "equalization, or 0..255 to -1..1 for every image alike")

@@ -65,8 +65,8 @@ class TrainConfig(BaseModel):
     search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
     head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
     block: Literal["plain", "residual"] = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
-    # anti-aliased downsampling in every trial: none, stem or all (cxr_model.model.ConvNetConfig.antialias)
-    antialias: Literal["none", "stem", "all"] = "none"
+    # anti-aliased downsampling in every trial: none, stem, pools or all (cxr_model.model.ConvNetConfig.antialias)
+    antialias: Literal["none", "stem", "pools", "all"] = "none"
     # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
     intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"

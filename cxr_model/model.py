@@ -22,8 +22,9 @@ class ConvNetConfig:
     # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
     block: Literal["plain", "residual"] = "plain"
     # anti-aliased downsampling (Zhang 2019; `BlurPool2D`): stem: the stem convolves at full resolution, then
-    # low-pass filters before it subsamples; all: each max-pool filters before it subsamples too
-    antialias: Literal["none", "stem", "all"] = "none"
+    # low-pass filters before it subsamples; pools: each max-pool takes its 2x2 max at every place, then filters
+    # and subsamples (the stem stays a strided conv); all: both
+    antialias: Literal["none", "stem", "pools", "all"] = "none"
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
@@ -37,7 +38,12 @@ class ConvNetConfig:
     @property
     def blurred_stem(self) -> bool:
         """The stem convolves at full resolution and `BlurPool2D` subsamples (anti-aliasing of a stride-2 stem)."""
-        return self.antialias != "none" and self.stem_stride == 2
+        return self.antialias in ("stem", "all") and self.stem_stride == 2
+
+    @property
+    def blurred_pools(self) -> bool:
+        """Each max-pool runs at stride 1 and `BlurPool2D` subsamples (anti-aliasing of the max-pools)."""
+        return self.antialias in ("pools", "all")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,7 +159,7 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
         width = min(cfg.filters * 2**b, cfg.max_filters)
         x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
-            if cfg.antialias == "all":  # the max over each 2x2 window at every place, then filter and subsample
+            if cfg.blurred_pools:  # the max over each 2x2 window at every place, then filter and subsample
                 x = layers.MaxPooling2D(strides=1, padding="same", name=f"block{b + 1}_maxpool")(x)
                 x = BlurPool2D(name=f"block{b + 1}_pool")(x)
             else:
@@ -343,7 +349,7 @@ def count_flops(cfg: ConvNetConfig) -> int:
         for _ in range(cfg.convs_per_block):
             flops += 2 * side * side * 9 * channels * width
             channels = width
-        if cfg.antialias == "all" and side >= 2:  # 3x3 per-channel filter at the halved side
+        if cfg.blurred_pools and side >= 2:  # 3x3 per-channel filter at the halved side
             half = -(-side // 2)  # the filter's output side: ceil(side / 2)
             flops += 2 * half * half * 9 * channels
         side = side // 2 if side >= 2 else side

@@ -107,7 +107,16 @@ def test_antialiased_convnet_filters_before_every_subsampling(tmp_path: Path) ->
     stem_only = build_convnet(ConvNetConfig(**{**cfg.to_dict(), "antialias": "stem"}))
     assert [layer.name for layer in stem_only.layers if isinstance(layer, BlurPool2D)] == ["stem_blurpool"]
     assert all(layer.strides == (2, 2) for layer in stem_only.layers if isinstance(layer, keras.layers.MaxPooling2D))
-    assert count_flops(plain) < count_flops(ConvNetConfig(**{**cfg.to_dict(), "antialias": "stem"})) < count_flops(cfg)
+    pools_only = ConvNetConfig(**{**cfg.to_dict(), "antialias": "pools"})
+    pools_net = build_convnet(pools_only)
+    assert [layer.name for layer in pools_net.layers if isinstance(layer, BlurPool2D)] == ["block1_pool", "block2_pool"]
+    assert pools_net.get_layer("stem_conv").strides == (2, 2)  # the stem stays a strided conv
+    assert pools_net.count_params() == model.count_params()
+    stem_flops = count_flops(ConvNetConfig(**{**cfg.to_dict(), "antialias": "stem"}))
+    pools_flops = count_flops(pools_only)
+    assert count_flops(plain) < pools_flops < count_flops(cfg) and count_flops(plain) < stem_flops < count_flops(cfg)
+    # `all` is exactly both halves: the stem's extra FLOPs plus the pools' filters
+    assert count_flops(cfg) - count_flops(plain) == (stem_flops - count_flops(plain)) + (pools_flops - count_flops(plain))
     x = np.random.default_rng(7).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
