@@ -51,7 +51,8 @@ from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 GEOMETRY = dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
 # name -> (ConvNetConfig overrides, TrainConfig overrides)
-RECIPES: dict[str, tuple[dict, dict]] = {
+# (a list of ConvNetConfig overrides: one member network each, seeds seed, seed+1, ..., scored as their mean)
+RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # session-1 default: geometry, contrast and brightness only
     "base": ({}, dict(zoom=0.1, translation=0.08, aspect=0.0, gamma=0.0, noise=0.0, resolution=0.0)),
     # what stressed validation of `base` pointed at: a brighter exposure curve (gamma 0.6), a wider field of
@@ -141,6 +142,13 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # the max-pools alone (session 10: `all` raised every shape stress and the worst, `stem` alone bought none of
     # it for 1.40x the time, so the gains sit in the filtered max-pools); the stem stays a strided conv
     "geometry+antialias-pools": (dict(antialias="pools"), GEOMETRY),
+    # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
+    # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
+    # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
+    # alike (session 7's `full` profile); networks that see at other scales may err less alike
+    "geometry+arch2": ([{}, dict(blocks=5, filters=24, dense_units=0)], GEOMETRY),
+    # its control: the default network twice (seeds 0 and 1), which is what `--members 2` trains
+    "geometry+seed2": ({}, dict(**GEOMETRY, members=2)),
 }
 CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split into regions (a fixed draw)
 
@@ -162,15 +170,16 @@ def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
     cfg = load_config("default", seed=seed, train_minutes=0, **train_over)  # no time budget: every recipe's 12 epochs
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
-    net = ConvNetConfig(image_size=cfg.image_size, **{**BASE, **model_over})
+    nets = [ConvNetConfig(image_size=cfg.image_size, **{**BASE, **over})
+            for over in (model_over if isinstance(model_over, list) else [model_over] * cfg.members)]
     started, weights, epochs = time.perf_counter(), [], []
-    for member in range(cfg.members):  # as the flow trains members: seeds seed, seed+1, ...; their mean is the model
+    for member, net in enumerate(nets):  # as the flow trains members: seeds seed, seed+1, ...; their mean is the model
         keras.utils.set_random_seed(seed + member)
         model = build_convnet(net)
         history = fit_recipe(model, cfg.model_copy(update=dict(seed=seed + member)), xt, yt, xv, yv)
         weights.append(model.get_weights())  # fit_recipe leaves the model on its best epoch
         epochs.append(len(history.history["loss"]))
-    model = mean_ensemble(net, weights)
+    model = mean_ensemble(nets, weights)
     minutes = (time.perf_counter() - started) / 60
     predict = compile_forward(model)
     p_val = predict(xv)

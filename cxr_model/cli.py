@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, TTA_VIEWS, DataConfigError, TrainConfig
 
 
@@ -37,6 +39,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="the model averages the predictions of this many best epochs by validation AUC (1: best only)")
     p.add_argument("--members", type=int,
                    help="train the chosen network this many times (seeds seed, seed+1, ...) and average them (1: one)")
+    p.add_argument("--top-trials", type=int,
+                   help="train the networks of this many best search trials (each --members times) and average "
+                        "them all (1: the best only)")
     p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
     p.add_argument("--block", choices=["plain", "residual"],
                    help="conv block: a chain of convs, or the chain plus a shortcut from its input (ResNet)")
@@ -73,7 +78,13 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from cxr_model.config import load_config
 
-    cfg = load_config(args.profile, **train_overrides(args))
+    try:
+        cfg = load_config(args.profile, **train_overrides(args))
+    except ValidationError as exc:  # a value out of range, or settings that contradict each other
+        for error in exc.errors():
+            where = "--" + "-".join(map(str, error["loc"])).replace("_", "-") if error["loc"] else "settings"
+            print(f"error: {where}: {error['msg']}", file=sys.stderr)
+        return 2
     cfg.resolved_data_dir()  # fail before any server starts if the data is missing
 
     from cxr_model.train import configure_threads

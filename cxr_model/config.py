@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATA_ENV = "CXR_DATA_DIR"
 WORK_ENV = "CXR_WORK_DIR"
@@ -83,6 +83,9 @@ class TrainConfig(BaseModel):
     # the chosen network is trained this many times (seeds seed, seed+1, ...) and the model averages them all;
     # train_minutes is the budget of all of them together
     members: int = Field(1, ge=1, le=16)
+    # the networks of this many best search trials are each trained `members` times and the model averages them
+    # all (networks that differ in depth and width may err less alike than seeds of one network)
+    top_trials: int = Field(1, ge=1, le=8)
     augment: bool = True
     # augmentation ranges (AUGMENTATION_FIELDS; each is a `cxr train` flag with its description as help).
     # Wide geometric ranges on purpose: without them the score follows how large and how wide the chest sits in
@@ -116,6 +119,13 @@ class TrainConfig(BaseModel):
     champion_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy"] = "roc_auc"  # validation; decides `champion`
     # compute
     threads: int | None = Field(None, ge=1)  # intra-op threads; None = one per core
+
+    @model_validator(mode="after")
+    def _enough_trials(self) -> TrainConfig:
+        if self.tuner != "hyperband" and self.top_trials > self.max_trials:  # hyperband sizes itself
+            raise ValueError(f"top_trials={self.top_trials} needs at least as many search trials "
+                             f"(max_trials={self.max_trials})")
+        return self
 
     @field_validator("data_dir", "work_dir", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -188,26 +189,34 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     return model
 
 
-def mean_ensemble(cfg: ConvNetConfig, weights: list[list]) -> keras.Model:
-    """One model whose probability is the mean over copies of the convnet, one per set of `weights`.
+def mean_ensemble(configs: ConvNetConfig | Sequence[ConvNetConfig], weights: list[list]) -> keras.Model:
+    """One model whose probability is the mean over convnets, one per set of `weights`.
 
-    With a single set it is the plain convnet with those weights. Several sets (the best epochs of a training run,
-    `cxr_model.train.BestSnapshots`, and/or independently trained members, `TrainConfig.members`) become
-    sub-models `member1`, `member2`, ... of one functional model, so evaluation, test-time views, Grad-CAM and
-    serving take it as they take a convnet.
+    `configs` is one architecture for every set, or one per set (the networks of different search trials,
+    `TrainConfig.top_trials`); all take the same input size. With a single set it is the plain convnet with
+    those weights. Several sets (the best epochs of a training run, `cxr_model.train.BestSnapshots`,
+    independently trained members, `TrainConfig.members`, other trials' networks) become sub-models `member1`,
+    `member2`, ... of one functional model, so evaluation, test-time views, Grad-CAM and serving take it as they
+    take a convnet.
     """
     if not weights:
         raise ValueError("mean_ensemble needs at least one set of weights")
+    configs = [configs] * len(weights) if isinstance(configs, ConvNetConfig) else list(configs)
+    if len(configs) != len(weights):
+        raise ValueError(f"mean_ensemble got {len(configs)} architectures for {len(weights)} sets of weights")
+    if len({c.image_size for c in configs}) > 1:
+        raise ValueError(f"members take different input sizes: {sorted({c.image_size for c in configs})}")
     if len(weights) == 1:
-        model = build_convnet(cfg)
+        model = build_convnet(configs[0])
         model.set_weights(weights[0])
         return model
     members = []
-    for i, w in enumerate(weights, start=1):
+    for i, (cfg, w) in enumerate(zip(configs, weights, strict=True), start=1):
         member = build_convnet(cfg, name=f"member{i}", compile=False)  # inference only: no optimizer to save
         member.set_weights(w)
         members.append(member)
-    inputs = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")  # (B, S, S, 1) 0..255
+    side = configs[0].image_size
+    inputs = keras.Input((side, side, 1), name="image")  # (B, S, S, 1) 0..255
     outputs = layers.Average(name="pneumonia")([member(inputs) for member in members])  # (B, 1)
     return keras.Model(inputs, outputs, name="cxr_ensemble")
 

@@ -25,8 +25,8 @@ def train_flow(cfg: TrainConfig) -> dict:
         mlflow.log_params({f"cfg/{k}": v for k, v in cfg.model_dump(mode="json").items()})
         data = load_data(cfg, run_id)
         visualize(cfg, data, run_id)
-        hparams = search(cfg, data, run_id)
-        trained = train_model(cfg, data, hparams, run_id)
+        top_hparams = search(cfg, data, run_id)  # the best cfg.top_trials trials, best first
+        trained = train_model(cfg, data, top_hparams, run_id)
         evaluation = evaluate(cfg, data, trained, run_id)
         registration = register(cfg, data, trained, evaluation, run_id)
     return {"run_id": run_id, "test": evaluation.test, "threshold": evaluation.threshold,

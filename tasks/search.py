@@ -46,8 +46,11 @@ def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFra
 
 
 @task(name="search", cache_policy=NONE)
-def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
-    """Run (or resume) the search; return the best trial's hyperparameter values."""
+def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
+    """Run (or resume) the search; return the hyperparameter values of the `cfg.top_trials` best trials, best first.
+
+    Fewer when fewer trials completed (a hyperband search, a resumed search with failed trials).
+    """
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train = search_subset(manifest[manifest["split"] == "train"], cfg.search_fraction, cfg.seed)
@@ -70,9 +73,13 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> dict:
         scores = [t.score for t in tuner.oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
         if not scores:
             raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {cfg.tuner_dir}")
-        best = tuner.get_best_hyperparameters(1)[0].values
+        top = tuner.oracle.get_best_trials(cfg.top_trials)
+        best = top[0].hyperparameters.values
         mlflow.log_params({f"best/{k}": v for k, v in best.items()})
+        mlflow.log_param("search/top_trial_ids", ",".join(t.trial_id for t in top))  # the networks trained, in order
         mlflow.log_metrics({"search/best_val_auc": float(np.max(scores)),
                             "search/completed_trials": float(len(scores))})
+    if len(top) < cfg.top_trials:
+        print(f"Only {len(top)} completed trials for top_trials={cfg.top_trials}: training {len(top)} networks")
     print(f"Search finished: {len(scores)} trials, best val AUC {max(scores):.4f}, {best}")
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in t.hyperparameters.values.items()} for t in top]

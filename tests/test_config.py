@@ -69,7 +69,7 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     argv = ["train", "--profile", "default", "--head", "flatten", "--threshold-rule", "margin", "--train-minutes", "0",
             "--snapshots", "2", "--members", "3", "--intensity", "equalize",
             "--balanced-sampling", "--mixup", "0.3", "--block", "residual",
-            "--antialias", "stem"]
+            "--antialias", "stem", "--top-trials", "2"]
     cfg = load_config("default", **train_overrides(build_parser().parse_args(argv)))
     assert cfg.head == "flatten" and cfg.search_space_params()["fixed"]["head"] == "flatten"
     assert cfg.search_space_params()["fixed"]["intensity"] == "equalize"
@@ -90,5 +90,19 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
         load_config("default", snapshots=0)
     with pytest.raises(ValidationError):
         load_config("default", members=0)
+    assert cfg.top_trials == 2 and load_config("default").top_trials == 1
+    with pytest.raises(ValidationError, match="at least as many search trials"):
+        load_config("default", top_trials=7)  # the default searches 6 trials
+    assert load_config("default", top_trials=7, tuner="hyperband").top_trials == 7  # hyperband sizes itself
     with pytest.raises(ValidationError):
         load_config("default", intensity="clahe")
+
+
+def test_cli_rejects_bad_settings_with_a_clear_message(capsys) -> None:
+    from cxr_model.cli import build_parser
+
+    for argv, message in ((["--zoom", "0.9"], "error: --zoom: Input should be less than or equal to 0.5"),
+                          (["--top-trials", "7"], "needs at least as many search trials (max_trials=6)")):
+        args = build_parser().parse_args(["train", "--profile", "default", *argv])
+        assert args.func(args) == 2  # before any data is read or any server starts
+        assert message in capsys.readouterr().err

@@ -135,6 +135,36 @@ def test_a_mixup_run_searches_trains_and_registers(tmp_path, real_subset) -> Non
     assert run.result["registered"]["version"] == "1"
 
 
+def test_top_trials_trains_each_trials_network_and_averages_them(tmp_path, real_subset) -> None:
+    import keras
+
+    from cxr_model.model import build_convnet, count_flops, ensemble_members
+    from cxr_model.search import config_from_hparams
+
+    run = run_cxr_train(tmp_path, real_subset, "--top-trials", "2", "--members", "1", "--snapshots", "1")
+    client = MlflowClient(run.tracking_uri)
+    params = client.get_run(run.result["run_id"]).data.params
+    trials = {t.data.tags["trial_id"]: t for t in _runs(client, "trial")}
+    ids = params["search/top_trial_ids"].split(",")
+    assert len(ids) == 2 and set(ids) == set(trials)  # smoke: both of its trials, best first
+    assert trials[ids[0]].data.metrics["val/auc"] >= trials[ids[1]].data.metrics["val/auc"]  # one epoch each
+    assert params["model/architectures"] == "2" and params["model/networks_averaged"] == "2"
+    archs = []
+    for prefix, trial_id in zip(("model", "model2"), ids, strict=True):
+        hp = trials[trial_id].data.params
+        assert {k: params[f"{prefix}/{k}"] for k in ("blocks", "filters", "dense_units", "dropout")} == \
+            {k: hp[k] for k in ("blocks", "filters", "dense_units", "dropout")}
+        kinds = dict(blocks=int, filters=int, convs_per_block=int, dense_units=int, dropout=float, learning_rate=float)
+        archs.append(config_from_hparams({k: kind(hp[k]) for k, kind in kinds.items()}, 64))
+    assert params["model/ensemble_flops_per_image"] == str(sum(map(count_flops, archs)))
+    # the saved model is the two trials' networks, each trained (network 2 logs under member2/)
+    model = keras.models.load_model(tmp_path / "work" / "outputs" / run.result["run_id"] / "model.keras",
+                                    compile=False)
+    assert [m.count_params() for m in ensemble_members(model)] == [build_convnet(a).count_params() for a in archs]
+    assert "member2/val/auc" in client.get_run(run.result["run_id"]).data.metrics
+    assert run.result["registered"]["version"] == "1"
+
+
 def test_cli_without_data_explains_where_to_get_it(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke"], cwd=tmp_path,

@@ -57,6 +57,12 @@ def test_ensemble_heatmap_is_the_mean_of_its_members() -> None:
     mixed = gradcam(mean_ensemble(cfg, [first.get_weights(), second.get_weights()]), images)
     np.testing.assert_allclose(mixed, (gradcam(first, images) + gradcam(second, images)) / 2, atol=1e-5)
     assert not np.allclose(mixed, gradcam(first, images), atol=1e-3)  # the second member counts
+    # members of other architectures (`--top-trials`): each member's map from its own last feature layer
+    deeper = ConvNetConfig(image_size=64, blocks=4, filters=8, dense_units=0)
+    third = build_convnet(deeper)
+    assert last_feature_layer(third) != last_feature_layer(first)
+    across = gradcam(mean_ensemble([cfg, deeper], [first.get_weights(), third.get_weights()]), images)
+    np.testing.assert_allclose(across, (gradcam(first, images) + gradcam(third, images)) / 2, atol=1e-5)
 
 
 def test_normal_map_shows_the_evidence_for_normal() -> None:

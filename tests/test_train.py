@@ -115,6 +115,27 @@ def test_mean_ensemble_averages_its_members(tmp_path) -> None:
         mean_ensemble(cfg, [])
 
 
+def test_mean_ensemble_of_different_networks(tmp_path) -> None:
+    # what `--top-trials` saves: other search trials' architectures in one model
+    deep = ConvNetConfig(image_size=32, blocks=3, filters=8, dense_units=0)
+    wide = ConvNetConfig(image_size=32, blocks=2, filters=16, dense_units=16, dropout=0.2)
+    first, second = build_convnet(deep), build_convnet(wide)
+    x, _ = _tiny_data(6)
+    p1, p2 = (m.predict(x.astype("float32"), verbose=0)[:, 0] for m in (first, second))
+
+    ensemble = mean_ensemble([deep, wide], [first.get_weights(), second.get_weights()])
+    assert [m.count_params() for m in ensemble_members(ensemble)] == [first.count_params(), second.count_params()]
+    np.testing.assert_allclose(compile_forward(ensemble)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
+    ensemble.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(compile_forward(loaded)(x), (p1 + p2) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 architectures for 1 sets"):
+        mean_ensemble([deep, wide], [first.get_weights()])
+    with pytest.raises(ValueError, match="different input sizes"):
+        mean_ensemble([deep, ConvNetConfig(image_size=64, blocks=2, filters=16, dense_units=16)],
+                      [first.get_weights(), second.get_weights()])
+
+
 def test_fit_recipe_returns_the_best_epochs() -> None:
     x, y = _tiny_data()
     cfg = load_config("smoke", image_size=32, epochs=3, patience=3, batch_size=8, snapshots=2, train_minutes=0)
