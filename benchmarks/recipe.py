@@ -2,6 +2,7 @@
 
     python benchmarks/recipe.py                       # every recipe in RECIPES, seed 0
     python benchmarks/recipe.py --recipes base geometry --seeds 2
+    python benchmarks/recipe.py --recipes geometry --seeds 3 --first-seed 1
 
 The test split is never read here (the script does not even load it). Each recipe trains the default
 profile's architecture on the patient-grouped train split (a recipe with `members=N` trains it N times, seeds
@@ -205,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     args = parser.parse_args()
     results = []
@@ -213,7 +215,7 @@ def main() -> None:
         size = RECIPES[name][1].get("image_size", load_config("default").image_size)
         if size not in splits_by_size:
             splits_by_size[size] = train_and_validation(args.data_dir, size)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run(name, seed, splits_by_size[size])
             results.append(r)
             print(json.dumps(r), flush=True)
