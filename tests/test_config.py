@@ -82,7 +82,8 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     assert cfg.train_minutes == 0  # 0 lifts the default profile's budget (None would be ignored as "not given")
     assert load_config("default").train_minutes == 10 and load_config("default").threshold_rule == "stressed_margin"
     assert cfg.snapshots == 2 and load_config("default").snapshots == 1  # the best epoch alone unless asked
-    assert cfg.members == 3 and load_config("default").members == 1 and load_config("full").members == 3
+    assert cfg.members == 3 and load_config("default").members == 1 and load_config("full").members == 1
+    assert load_config("full").top_trials == 3  # the full profile averages its search's three best networks
     assert not load_config("full").train_minutes  # the full profile trains its members to the end
     with pytest.raises(ValidationError):
         load_config("default", train_minutes=-1)
