@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def config_from_hparams(values: dict, image_size: int, space: SearchSpace = Sear
     for name, value in values.items():
         hp.Fixed(name, value)
     return sample_config(hp, image_size, space)
+
+
+def best_distinct_trials(trials: Iterable, k: int) -> list:
+    """The `k` best completed trials by score (highest first), one per architecture.
+
+    Keras-Tuner's own `get_best_trials` pads a short list with failed trials, and hyperband retrains one
+    configuration in later rounds as a new trial (its `tuner/...` values differ): neither is a network to train.
+    """
+    done = sorted((t for t in trials if t.status == "COMPLETED" and t.score is not None), key=lambda t: -t.score)
+    chosen, seen = [], set()
+    for trial in done:
+        key = tuple(sorted((n, v) for n, v in trial.hyperparameters.values.items() if not n.startswith("tuner/")))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(trial)
+    return chosen[:k]
 
 
 class ConvNetHyperModel(kt.HyperModel):

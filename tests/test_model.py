@@ -275,6 +275,24 @@ def test_config_from_hparams_rebuilds_a_trial() -> None:
     assert (cfg.blocks, cfg.filters, cfg.convs_per_block, cfg.dense_units, cfg.image_size) == (5, 24, 2, 0, 96)
 
 
+def test_best_distinct_trials_skips_failed_trials_and_hyperband_reruns() -> None:
+    from types import SimpleNamespace
+
+    from cxr_model.search import best_distinct_trials
+
+    def trial(name: str, score: float | None, blocks: int, status: str = "COMPLETED", **tuner_keys):
+        values = dict(blocks=blocks, filters=16, **{f"tuner/{k}": v for k, v in tuner_keys.items()})
+        return SimpleNamespace(trial_id=name, score=score, status=status,
+                               hyperparameters=SimpleNamespace(values=values))
+
+    trials = [trial("a", 0.90, 3, epochs=1), trial("b", 0.95, 4, epochs=1),
+              trial("c", 0.97, 4, epochs=3, trial_id="b"),  # hyperband's next round of b: the same network
+              trial("d", None, 5, status="FAILED"), trial("e", 0.80, 5), trial("f", None, 5, status="INVALID")]
+    assert [t.trial_id for t in best_distinct_trials(trials, 2)] == ["c", "a"]
+    assert [t.trial_id for t in best_distinct_trials(trials, 5)] == ["c", "a", "e"]  # never a failed trial
+    assert best_distinct_trials([trial("d", None, 5, status="FAILED")], 1) == []
+
+
 @pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
 def test_tuner_runs_and_resumes(tmp_path: Path, kind: str) -> None:
     rng = np.random.default_rng(0)
