@@ -143,6 +143,8 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # the max-pools alone (session 10: `all` raised every shape stress and the worst, `stem` alone bought none of
     # it for 1.40x the time, so the gains sit in the filtered max-pools); the stem stays a strided conv
     "geometry+antialias-pools": (dict(antialias="pools"), GEOMETRY),
+    # both levers that passed the four-seed rule of session 11, together
+    "geometry@96+antialias": (dict(antialias="all"), dict(**GEOMETRY, image_size=96)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
