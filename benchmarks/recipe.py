@@ -51,6 +51,9 @@ from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 # the default's augmentation ranges since session 3 (recipe `geometry`), the base of every later recipe
 GEOMETRY = dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
+# every recipe's input side unless it sets `image_size`: the default profile's when the probes began, pinned so
+# that a recipe means the same whatever the default profile has become since
+BASE_SIZE = 128
 # name -> (ConvNetConfig overrides, TrainConfig overrides)
 # (a list of ConvNetConfig overrides: one member network each, seeds seed, seed+1, ..., scored as their mean)
 RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
@@ -159,10 +162,10 @@ CAM_PER_CLASS = 100  # validation images per class whose Grad-CAM maps are split
 def train_and_validation(data_dir: str | None, image_size: int | None = None) -> dict[str, tuple]:
     """{"train": (images, labels), "val": (images, labels)} of the default profile's patient-grouped split.
 
-    Decoded at `image_size` (the default profile's when None). The test split is dropped before anything is
+    Decoded at `image_size` (`BASE_SIZE` when None). The test split is dropped before anything is
     decoded: these probes never load it.
     """
-    cfg = load_config("default", data_dir=data_dir, **({"image_size": image_size} if image_size else {}))
+    cfg = load_config("default", data_dir=data_dir, image_size=image_size or BASE_SIZE)
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
     manifest = manifest[manifest["split"] != "test"]  # never loaded, never scored
     images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
@@ -171,7 +174,8 @@ def train_and_validation(data_dir: str | None, image_size: int | None = None) ->
 
 def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
-    cfg = load_config("default", seed=seed, train_minutes=0, **train_over)  # no time budget: every recipe's 12 epochs
+    # no time budget: every recipe's 12 epochs
+    cfg = load_config("default", seed=seed, train_minutes=0, **{"image_size": BASE_SIZE, **train_over})
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     nets = [ConvNetConfig(image_size=cfg.image_size, **{**BASE, **over})
             for over in (model_over if isinstance(model_over, list) else [model_over] * cfg.members)]
@@ -214,7 +218,7 @@ def main() -> None:
     results = []
     splits_by_size: dict[int, dict] = {}  # the same patient-grouped split, decoded once per input size
     for name in args.recipes:
-        size = RECIPES[name][1].get("image_size", load_config("default").image_size)
+        size = RECIPES[name][1].get("image_size", BASE_SIZE)
         if size not in splits_by_size:
             splits_by_size[size] = train_and_validation(args.data_dir, size)
         for seed in range(args.first_seed, args.first_seed + args.seeds):

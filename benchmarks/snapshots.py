@@ -28,7 +28,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from recipe import BASE, RECIPES, train_and_validation  # noqa: E402
+from recipe import BASE, BASE_SIZE, RECIPES, train_and_validation  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from cxr_model.config import load_config  # noqa: E402
@@ -55,7 +55,7 @@ class ScoreEachEpoch(keras.callbacks.Callback):
 
 def train(seed: int, splits, folder: Path) -> None:
     model_over, train_over = RECIPES[RECIPE]
-    cfg = load_config("default", seed=seed, train_minutes=0, snapshots=1, **train_over)
+    cfg = load_config("default", seed=seed, train_minutes=0, snapshots=1, **{"image_size": BASE_SIZE, **train_over})
     keras.utils.set_random_seed(seed)
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     model = build_convnet(ConvNetConfig(image_size=cfg.image_size, **{**BASE, **model_over}))

@@ -39,7 +39,7 @@ from cxr_model.train import compile_forward, fit_recipe, make_dataset  # noqa: E
 # The project's recipe under test: the default profile's training on a fixed architecture from its search space.
 DEFAULT = load_config("default")
 PROJECT = ConvNetConfig(image_size=DEFAULT.image_size, blocks=4, filters=32, convs_per_block=1, dense_units=64,
-                        dropout=0.3, label_smoothing=DEFAULT.label_smoothing)
+                        dropout=0.3, **DEFAULT.search_space_params()["fixed"])  # the profile's head, block, ...
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
