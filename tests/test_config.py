@@ -74,7 +74,7 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     assert cfg.head == "flatten" and cfg.search_space_params()["fixed"]["head"] == "flatten"
     assert cfg.search_space_params()["fixed"]["intensity"] == "equalize"
     assert cfg.search_space_params()["fixed"]["block"] == "residual" and load_config("default").block == "plain"
-    assert cfg.search_space_params()["fixed"]["antialias"] == "stem" and load_config("default").antialias == "all"
+    assert cfg.search_space_params()["fixed"]["antialias"] == "stem" and load_config("default").antialias == "none"
     assert load_config("default").intensity == "standardize"
     assert cfg.balanced_sampling and not load_config("default").balanced_sampling
     assert cfg.mixup == 0.3 and load_config("default").mixup == 0
