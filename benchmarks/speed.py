@@ -154,8 +154,8 @@ def main() -> None:
     result["project"]["efficiency_vs_matmul_peak"] = result["project"]["gflops"] / peak
     rows = [("reference (150² gray, 5 blocks)", ref_ips, result["reference"]["gflop_per_image_step"],
              result["reference"]["gflops"]),
-            ("project (128² gray, stem s2, 4 blocks)", own_ips, result["project"]["gflop_per_image_step"],
-             result["project"]["gflops"])]
+            (f"project ({PROJECT.image_size}² gray, stem s2, 4 blocks)", own_ips,
+             result["project"]["gflop_per_image_step"], result["project"]["gflops"])]
     print(f"{'model':42s} {'img/s':>8s} {'GFLOP/img-step':>15s} {'GFLOP/s':>8s}")
     for name, ips, gfl, gfs in rows:
         print(f"{name:42s} {ips:8.1f} {gfl:15.3f} {gfs:8.1f}")
