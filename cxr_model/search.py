@@ -49,15 +49,19 @@ def config_from_hparams(values: dict, image_size: int, space: SearchSpace = Sear
     return sample_config(hp, image_size, space)
 
 
+def completed_trials(trials: Iterable) -> list:
+    """The trials that finished with a score (not failed, invalid or still running)."""
+    return [t for t in trials if t.status == "COMPLETED" and t.score is not None]
+
+
 def best_distinct_trials(trials: Iterable, k: int) -> list:
     """The `k` best completed trials by score (highest first), one per architecture.
 
     Keras-Tuner's own `get_best_trials` pads a short list with failed trials, and hyperband retrains one
     configuration in later rounds as a new trial (its `tuner/...` values differ): neither is a network to train.
     """
-    done = sorted((t for t in trials if t.status == "COMPLETED" and t.score is not None), key=lambda t: -t.score)
     chosen, seen = [], set()
-    for trial in done:
+    for trial in sorted(completed_trials(trials), key=lambda t: -t.score):
         key = tuple(sorted((n, v) for n, v in trial.hyperparameters.values.items() if not n.startswith("tuner/")))
         if key not in seen:
             seen.add(key)

@@ -8,13 +8,12 @@ import time
 
 import keras
 import mlflow
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
 from cxr_model.config import TrainConfig
-from cxr_model.search import ConvNetHyperModel, SearchSpace, best_distinct_trials, make_tuner
+from cxr_model.search import ConvNetHyperModel, SearchSpace, best_distinct_trials, completed_trials, make_tuner
 from tasks.data import DataHandle, fit_datasets, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
 
@@ -70,17 +69,16 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
         tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs,  # class weights ride in train_ds
                      callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
                      verbose=0)
-        scores = [t.score for t in tuner.oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
-        if not scores:
-            raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {cfg.tuner_dir}")
+        completed = len(completed_trials(tuner.oracle.trials.values()))
         top = best_distinct_trials(tuner.oracle.trials.values(), cfg.top_trials)
+        if not top:
+            raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {cfg.tuner_dir}")
         best = top[0].hyperparameters.values
         mlflow.log_params({f"best/{k}": v for k, v in best.items()})
         mlflow.log_param("search/top_trial_ids", ",".join(t.trial_id for t in top))  # the networks trained, in order
-        mlflow.log_metrics({"search/best_val_auc": float(np.max(scores)),
-                            "search/completed_trials": float(len(scores))})
+        mlflow.log_metrics({"search/best_val_auc": float(top[0].score), "search/completed_trials": float(completed)})
     if len(top) < cfg.top_trials:
         print(f"Only {len(top)} completed trials of distinct networks for top_trials={cfg.top_trials}: "
               f"training {len(top)}")
-    print(f"Search finished: {len(scores)} trials, best val AUC {max(scores):.4f}, {best}")
+    print(f"Search finished: {completed} trials, best val AUC {top[0].score:.4f}, {best}")
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in t.hyperparameters.values.items()} for t in top]
