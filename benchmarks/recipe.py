@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
+    parser.add_argument("--tag", default="", help="recorded as RECIPE#TAG: the same recipe run again after a code "
+                                                  "change, kept beside its earlier results")
     args = parser.parse_args()
     results = []
     splits_by_size: dict[int, dict] = {}  # the same patient-grouped split, decoded once per input size
@@ -223,6 +225,7 @@ def main() -> None:
             splits_by_size[size] = train_and_validation(args.data_dir, size)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run(name, seed, splits_by_size[size])
+            r["recipe"] = f"{name}#{args.tag}" if args.tag else name
             results.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'recipe':24s} {'seed':>4s} {'min':>5s} {'ep':>3s} {'val AUC':>8s} {'stress AUC':>10s}  "

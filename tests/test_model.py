@@ -251,6 +251,37 @@ def test_gamma_changes_mid_tones_not_black_or_white() -> None:
     assert np.ptp(out[:, 0, 1, 0]) > 5  # mid-grey moved, differently per image
 
 
+def test_gamma_is_one_power_curve_per_image() -> None:
+    x = np.tile(np.array([64.0, 128.0, 200.0], np.float32), (16, 3, 1))[..., None]  # (16, 3, 3, 1)
+    out = np.asarray(build_augmentation(0, 0, 0, contrast=0, brightness=0, gamma=0.4, seed=7)(x))[:, 0, :, 0]
+    gamma = np.log(out[:, 0] / 255) / np.log(64 / 255)  # each image's exponent, read off one grey level
+    assert np.all(np.abs(np.log(gamma)) <= 0.4 + 1e-4) and np.ptp(gamma) > 0.2
+    for level, column in ((128.0, 1), (200.0, 2)):  # the same exponent bends the other grey levels
+        np.testing.assert_allclose(out[:, column], 255 * (level / 255) ** gamma, rtol=1e-4)
+
+
+def test_noise_is_pixelwise_gaussian_with_a_random_sd_per_image() -> None:
+    x = np.full((64, 48, 48, 1), 128.0, np.float32)
+    aug = build_augmentation(0, 0, 0, contrast=0, brightness=0, noise=0.08, seed=8)
+    first, second = np.asarray(aug(x))[..., 0] - 128, np.asarray(aug(x))[..., 0] - 128
+    sd = first.std(axis=(1, 2))
+    assert sd.max() <= 0.08 * 255 * 1.1 and sd.min() < 0.3 * sd.max()  # per-image sd within range, and spread
+    loud = first[sd > 8]
+    assert abs(np.corrcoef(loud[:, 1:].ravel(), loud[:, :-1].ravel())[0, 1]) < 0.05  # no structure between pixels
+    assert not np.allclose(first, second)  # drawn anew for every batch
+    corr = np.corrcoef(first.reshape(64, -1))[~np.eye(64, dtype=bool)]
+    assert np.mean(np.abs(corr) > 0.5) < 0.1  # images of a batch seldom share a field (only by the bank's chance)
+
+
+def test_noise_for_batches_of_unknown_size_is_drawn_fresh() -> None:
+    import tensorflow as tf
+
+    aug = build_augmentation(0, 0, 0, contrast=0, brightness=0, noise=0.08, seed=9)
+    call = tf.function(lambda x: aug(x), input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    out = np.asarray(call(np.full((4, 20, 30, 1), 128.0, np.float32)))
+    assert out.shape == (4, 20, 30, 1) and out.std() > 1
+
+
 def test_make_dataset_batches_float_images() -> None:
     x = np.zeros((10, 16, 16, 1), np.uint8)
     y = np.array([0, 1] * 5)
