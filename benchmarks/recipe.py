@@ -148,6 +148,13 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "geometry+antialias-pools": (dict(antialias="pools"), GEOMETRY),
     # both levers that passed the four-seed rule of session 11, together
     "geometry@96+antialias": (dict(antialias="all"), dict(**GEOMETRY, image_size=96)),
+    # session 12: levers that one seed rejected at 128 px (sessions 5, 8, 9), judged again on four seeds at the
+    # default's 96 px. Band erasing: the Grad-CAM reason above still stands (NORMAL evidence in the abdomen)
+    "geometry@96+erase": ({}, dict(**GEOMETRY, image_size=96, erase=0.2)),
+    # label smoothing: softer targets, the calibration lever
+    "geometry@96+smooth": (dict(label_smoothing=0.1), dict(**GEOMETRY, image_size=96)),
+    # balanced sampling: more views of the class that the shift costs (NORMAL), each augmented anew
+    "geometry@96+balanced": ({}, dict(**GEOMETRY, image_size=96, balanced_sampling=True)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err

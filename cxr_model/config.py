@@ -18,6 +18,12 @@ DATASET_HELP = (
 )
 
 
+# The network's fixed design choices (cxr_model.model.ConvNetConfig documents each); one definition for both.
+Head = Literal["gap", "flatten"]
+Block = Literal["plain", "residual"]
+Antialias = Literal["none", "stem", "pools", "all"]
+Intensity = Literal["standardize", "equalize", "rescale"]
+
 # Rules that pick the decision threshold on validation (see cxr_model.evaluate.choose_threshold). The stressed_
 # ones fit the pooled scores of validation and its stressed copies (cxr_model.stress), the others clean validation.
 ThresholdRule = Literal["margin", "youden", "balanced_accuracy", "f1", "stressed_margin", "stressed_youden"]
@@ -63,12 +69,12 @@ class TrainConfig(BaseModel):
     search_dropout: tuple[float, float] = (0.1, 0.5)
     search_dense_units: tuple[int, ...] = (0, 64, 128)
     search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
-    head: Literal["gap", "flatten"] = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
-    block: Literal["plain", "residual"] = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
+    head: Head = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
+    block: Block = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
     # anti-aliased downsampling in every trial: none, stem, pools or all (cxr_model.model.ConvNetConfig.antialias)
-    antialias: Literal["none", "stem", "pools", "all"] = "none"
+    antialias: Antialias = "none"
     # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
-    intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
+    intensity: Intensity = "standardize"
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
     search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
+
+from cxr_model.config import Antialias, Block, Head, Intensity
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,16 @@ class ConvNetConfig:
     convs_per_block: int = 1  # 3x3 conv + BN + ReLU repeats inside a block
     # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
     # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
-    block: Literal["plain", "residual"] = "plain"
+    block: Block = "plain"
     # anti-aliased downsampling (Zhang 2019; `BlurPool2D`): stem: the stem convolves at full resolution, then
     # low-pass filters before it subsamples; pools: each max-pool takes its 2x2 max at every place, then filters
     # and subsamples (the stem stays a strided conv); all: both
-    antialias: Literal["none", "stem", "pools", "all"] = "none"
+    antialias: Antialias = "none"
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
-    head: Literal["gap", "flatten"] = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
+    head: Head = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
     # equalization), the same for every monotone exposure curve; rescale: 0..255 -> -1..1 for every image alike
-    intensity: Literal["standardize", "equalize", "rescale"] = "standardize"
+    intensity: Intensity = "standardize"
     dropout: float = 0.3  # after the pooling / flatten
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
