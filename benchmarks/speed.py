@@ -60,12 +60,15 @@ def timed_fit(model: keras.Model, ds: tf.data.Dataset, epochs: int, **fit) -> tu
     return time.perf_counter() - t, history
 
 
-def throughput(model: keras.Model, x: np.ndarray, y: np.ndarray, augment) -> float:
-    """Training images/s over one epoch after a warm-up of a few steps."""
+def throughput(model: keras.Model, x: np.ndarray, y: np.ndarray, augment, epochs: int = 3) -> float:
+    """Training images/s: the median of `epochs` timed epochs after a warm-up of a few steps.
+
+    One epoch is not enough on this machine: now and then a whole epoch runs at about half speed, with the
+    process using one core's worth of CPU (see `input_ratio`).
+    """
     ds = make_dataset(x, y, BATCH_SIZE, augment, shuffle=True)
     model.fit(ds.take(3), epochs=1, verbose=0)
-    seconds, _ = timed_fit(model, ds, 1)
-    return len(x) / seconds
+    return len(x) / statistics.median(timed_fit(model, ds, 1)[0] for _ in range(epochs))
 
 
 def input_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, augment, pairs: int = 5) -> dict:
