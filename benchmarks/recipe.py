@@ -155,6 +155,10 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "geometry@96+smooth": (dict(label_smoothing=0.1), dict(**GEOMETRY, image_size=96)),
     # balanced sampling: more views of the class that the shift costs (NORMAL), each augmented anew
     "geometry@96+balanced": ({}, dict(**GEOMETRY, image_size=96, balanced_sampling=True)),
+    # three more one-seed rejections at 128 px (sessions 5 and 9), on four seeds at 96 px
+    "geometry@96+flatten": (dict(head="flatten"), dict(**GEOMETRY, image_size=96)),
+    "geometry@96-class-weights": ({}, dict(**GEOMETRY, image_size=96, class_weights=False)),
+    "geometry@96+mixup": ({}, dict(**GEOMETRY, image_size=96, mixup=0.2)),
     # further down the road that 128 -> 96 px took (session 11: the stressed mean rose in 4 of 4 seeds, and test
     # specificity followed, 0.735 -> 0.781): coarser input again, 80 and 64 px (0.69x and 0.44x the 96 px FLOPs)
     "geometry@80": ({}, dict(**GEOMETRY, image_size=80)),
