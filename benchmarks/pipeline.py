@@ -32,33 +32,38 @@ from cxr_model.model import build_augmentation, build_convnet  # noqa: E402
 BATCH = 32
 
 
-def cpu_ms_per_batch(fn, x, batches: int) -> float:
-    """Best-of-3 process CPU milliseconds per batch of `fn` mapped over `batches` copies of `x` in tf.data."""
-    ds = tf.data.Dataset.from_tensors(x).repeat(batches).map(fn)
-    for _ in ds.take(3):
-        pass
+def best_cpu_ms(run_once, batches: int) -> float:
+    """Best of 3 calls of `run_once()` (each over `batches` batches), in process CPU milliseconds per batch."""
     passes = []
     for _ in range(3):
         started = time.process_time()
-        for _ in ds:
-            pass
+        run_once()
         passes.append((time.process_time() - started) / batches * 1e3)
     return min(passes)
 
 
+def cpu_ms_per_batch(fn, x, batches: int) -> float:
+    """CPU milliseconds per batch of `fn` mapped over `batches` copies of `x` in tf.data."""
+    ds = tf.data.Dataset.from_tensors(x).repeat(batches).map(fn)
+    for _ in ds.take(3):
+        pass
+
+    def drain():
+        for _ in ds:
+            pass
+
+    return best_cpu_ms(drain, batches)
+
+
 def step_cpu_ms(size: int, x, batches: int) -> float:
+    """CPU milliseconds per training step of the default network on the batch `x`."""
     from speed import PROJECT  # the default's fixed network
 
     model = build_convnet(dataclasses.replace(PROJECT, image_size=size))
     y = tf.constant((np.arange(BATCH) % 2).astype("float32"))
     ds = tf.data.Dataset.from_tensors((x, y)).repeat(batches)
     model.fit(ds.take(3), epochs=1, verbose=0)
-    passes = []
-    for _ in range(3):
-        started = time.process_time()
-        model.fit(ds, epochs=1, verbose=0)
-        passes.append((time.process_time() - started) / batches * 1e3)
-    return min(passes)
+    return best_cpu_ms(lambda: model.fit(ds, epochs=1, verbose=0), batches)
 
 
 def main() -> None:

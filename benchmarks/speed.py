@@ -89,13 +89,12 @@ def input_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, augment, pairs
     steps = (len(x) // BATCH_SIZE) / -(-len(x) // BATCH_SIZE)  # the real epoch's last, partial batch
     wall, cpu = [], []
     for _ in range(pairs):
-        c0, t0 = time.process_time(), time.perf_counter()
-        timed_fit(model, real, 1)
-        c1, t1 = time.process_time(), time.perf_counter()
-        timed_fit(model, const, 1)
-        c2, t2 = time.process_time(), time.perf_counter()
-        wall.append((t1 - t0) / (t2 - t1) * steps)
-        cpu.append((c1 - c0) / (c2 - c1) * steps)
+        c0 = time.process_time()
+        t_real, _ = timed_fit(model, real, 1)
+        c1 = time.process_time()
+        t_const, _ = timed_fit(model, const, 1)
+        wall.append(t_real / t_const * steps)
+        cpu.append((c1 - c0) / (time.process_time() - c1) * steps)
     return dict(ratio=statistics.median(cpu), wall_ratio=statistics.median(wall), cpu_pairs=cpu, wall_pairs=wall)
 
 
