@@ -56,6 +56,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}", type=float,
                        help=f"augmentation: {TrainConfig.model_fields[name].description} (0 = off)")
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay of the kernels (0 = Adam)")
     p.add_argument("--mixup", type=float,
                    help="final training: blend image pairs by a Beta(a, a) weight, labels alike (0 = off)")
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)

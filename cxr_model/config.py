@@ -109,6 +109,7 @@ class TrainConfig(BaseModel):
                          description="largest band blanked at the top and at the bottom, as a fraction of the side")
     noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
+    weight_decay: float = Field(0.0, ge=0.0, le=0.5)  # AdamW's decoupled decay of the kernels; 0 = Adam
     # blend each training image with another of its batch, labels alike, by a Beta(mixup, mixup) weight; 0 = off
     # (final training only: search trials train without it)
     mixup: float = Field(0.0, ge=0.0, le=2.0)
@@ -154,7 +155,7 @@ class TrainConfig(BaseModel):
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
                     learning_rate=self.search_learning_rate,
                     fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
-                               label_smoothing=self.label_smoothing))
+                               label_smoothing=self.label_smoothing, weight_decay=self.weight_decay))
 
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""

@@ -37,6 +37,8 @@ class ConvNetConfig:
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
     label_smoothing: float = 0.0
+    # decoupled weight decay (AdamW, Loshchilov & Hutter 2019) of the conv and dense kernels; 0 = plain Adam
+    weight_decay: float = 0.0
 
     @property
     def blurred_stem(self) -> bool:
@@ -178,8 +180,14 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     model = keras.Model(inputs, outputs, name=name)
     if not compile:
         return model
+    if cfg.weight_decay:
+        optimizer = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # kernels only: shrinking biases and batch-norm scales towards 0 is not a penalty on complexity
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    else:
+        optimizer = keras.optimizers.Adam(cfg.learning_rate)
     model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),

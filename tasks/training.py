@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import keras
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
@@ -12,9 +11,9 @@ from pydantic import BaseModel
 
 from cxr_model import plots
 from cxr_model.config import TrainConfig
-from cxr_model.model import build_convnet, count_flops, mean_ensemble
+from cxr_model.model import count_flops
 from cxr_model.search import SearchSpace, config_from_hparams
-from cxr_model.train import fit_recipe
+from cxr_model.train import fit_networks
 from tasks.data import DataHandle, open_data
 from tasks.tracking import MlflowEpochLogger, in_run, log_figure
 
@@ -45,43 +44,33 @@ def train_model(cfg: TrainConfig, data: DataHandle, top_hparams: list[dict], run
     space = SearchSpace(**cfg.search_space_params())
     architectures = [config_from_hparams(hparams, cfg.image_size, space) for hparams in top_hparams]
     networks = [arch for arch in architectures for _ in range(cfg.members)]  # (architecture, member) in order
-    budget = cfg.train_minutes / len(networks) if cfg.train_minutes else None
-    weights, configs, kept_epochs, epochs, by_budget = [], [], [], 0, False
 
     with in_run(run_id):
         for a, arch in enumerate(architectures, start=1):
             prefix = "model" if a == 1 else f"model{a}"
             mlflow.log_params({f"{prefix}/{k}": v for k, v in arch.to_dict().items()})
         started = time.perf_counter()
-        for n, model_cfg in enumerate(networks, start=1):
-            member_cfg = cfg.model_copy(update=dict(seed=cfg.seed + n - 1, train_minutes=budget))
-            keras.utils.set_random_seed(member_cfg.seed)
-            model = build_convnet(model_cfg)
-            if n == 1:  # of the best network; `model/ensemble_flops_per_image` is what the saved model spends
-                mlflow.log_params({"model/parameters": model.count_params(),
-                                   "model/flops_per_image": count_flops(model_cfg)})
-            prefix = "" if n == 1 else f"member{n}/"
-            history = fit_recipe(model, member_cfg, images.take(train), train["label"].to_numpy(), images.take(val),
-                                 val["label"].to_numpy(), callbacks=[MlflowEpochLogger(prefix)], verbose=2)
-            trained = len(history.history["loss"])
-            epochs += trained
-            by_budget |= history.stopped_by_budget
-            # no finite val AUC at all (a degenerate validation split): keep the weights training ended on
-            kept = history.snapshots.weights or [model.get_weights()]
-            weights += kept
-            configs += [model_cfg] * len(kept)
-            kept_epochs.append(",".join(map(str, history.snapshots.epochs)) or str(trained))
+        fitted = fit_networks(networks, cfg, images.take(train), train["label"].to_numpy(), images.take(val),
+                              val["label"].to_numpy(), verbose=2,
+                              callbacks=lambda n: [MlflowEpochLogger("" if n == 1 else f"member{n}/")])
+        seconds = time.perf_counter() - started
+        epochs = sum(fitted.epochs)
+        for n, history in enumerate(fitted.histories, start=1):
             name = "learning_curves.png" if n == 1 else f"learning_curves_member{n}.png"
             log_figure(plots.learning_curves(history.history), f"plots/{name}")
-        seconds = time.perf_counter() - started
+        # of the best network; `model/ensemble_flops_per_image` is what the saved model spends
+        mlflow.log_params({"model/parameters": fitted.histories[0].model.count_params(),
+                           "model/flops_per_image": count_flops(networks[0])})
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
-                            "train/stopped_by_budget": float(by_budget),
+                            "train/stopped_by_budget": float(fitted.stopped_by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
         # the kept epochs of each network, networks separated by ';' (e.g. '7' or '7,5;9,8')
-        mlflow.log_params({"train/snapshot_epochs": ";".join(kept_epochs), "model/networks_averaged": len(weights),
-                           "model/architectures": len(architectures),
-                           "model/ensemble_flops_per_image": sum(map(count_flops, configs))})
-    model = mean_ensemble(configs, weights)
+        kept_epochs = [",".join(map(str, h.snapshots.epochs)) or str(trained)
+                       for h, trained in zip(fitted.histories, fitted.epochs, strict=True)]
+        mlflow.log_params({"train/snapshot_epochs": ";".join(kept_epochs),
+                           "model/networks_averaged": len(fitted.weights), "model/architectures": len(architectures),
+                           "model/ensemble_flops_per_image": sum(map(count_flops, fitted.configs))})
+    model = fitted.model()
     out = cfg.output_dir / run_id
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"

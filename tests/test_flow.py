@@ -46,6 +46,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
     assert int(params["data/train_normal"]) > 0 and int(params["data/test_pneumonia"]) == 16
     assert {"best/blocks", "best/dropout", "best/learning_rate", "model/flops_per_image"} <= set(params)
+    assert int(params["model/parameters"]) > 0
     # smoke: two members, each averaging both its epochs; member 2 logs its own curves
     assert [len(m.split(",")) for m in params["train/snapshot_epochs"].split(";")] == [2, 2]
     assert {"val/auc", "member2/val/auc", "member2/train/loss"} <= set(parent.data.metrics)

@@ -172,6 +172,27 @@ def test_model_round_trips_through_keras_file(tmp_path: Path, intensity: str) ->
     np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
 
 
+def test_weight_decay_shrinks_kernels_only() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    y = (np.arange(8) % 2).astype("float32")
+    lr, wd = 0.01, 0.5
+    base = dict(image_size=32, blocks=2, filters=4, dense_units=4, dropout=0.0, learning_rate=lr)
+    plain, decayed = build_convnet(ConvNetConfig(**base)), build_convnet(ConvNetConfig(**base, weight_decay=wd))
+    assert isinstance(decayed.optimizer, keras.optimizers.AdamW) and not isinstance(plain.optimizer,
+                                                                                      keras.optimizers.AdamW)
+    decayed.set_weights(plain.get_weights())
+    start = {v.path: v.numpy() for v in plain.trainable_variables}
+    for model in (plain, decayed):  # one step on the same batch: the same gradients, the same Adam step
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    after = {v.path: v.numpy() for v in decayed.trainable_variables}
+    for v in plain.trainable_variables:
+        # AdamW subtracts lr * wd * w from each kernel besides the Adam step; biases and BN parameters get no decay
+        expected = lr * wd * start[v.path] if v.name == "kernel" else np.zeros_like(start[v.path])
+        np.testing.assert_allclose(v.numpy() - after[v.path], expected, atol=1e-6, err_msg=v.path)
+    assert sum(v.name == "kernel" for v in plain.trainable_variables) >= 4
+
+
 def test_deep_net_on_small_input_stops_pooling() -> None:
     model = build_convnet(ConvNetConfig(image_size=16, blocks=5, filters=8))
     assert model.output_shape == (None, 1)

@@ -14,6 +14,7 @@ from cxr_model.train import (
     BestSnapshots,
     TimeBudget,
     compile_forward,
+    fit_networks,
     fit_recipe,
     loss_class_weights,
     make_dataset,
@@ -144,6 +145,46 @@ def test_fit_recipe_returns_the_best_epochs() -> None:
     aucs = history.history["val_auc"]
     assert len(history.snapshots.epochs) == 2
     assert [aucs[e - 1] for e in history.snapshots.epochs] == sorted(aucs, reverse=True)[:2]
+
+
+def test_fit_networks_trains_each_network_from_its_own_seed() -> None:
+    x, y = _tiny_data()
+    cfg = load_config("smoke", image_size=32, epochs=2, patience=2, batch_size=8, snapshots=2, train_minutes=0,
+                      seed=5)
+    small = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)
+    deeper = ConvNetConfig(image_size=32, blocks=3, filters=8, dense_units=0)
+    starts = {}
+
+    class Start(keras.callbacks.Callback):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def on_train_begin(self, logs=None) -> None:
+            starts[self.n] = self.model.get_weights()[0]
+
+    fitted = fit_networks([small, small, deeper], cfg, x, y, x[:8], y[:8], callbacks=lambda n: [Start(n)])
+    assert list(starts) == [1, 2, 3]  # each network's own callbacks, in training order
+    assert fitted.epochs == [2, 2, 2] and not fitted.stopped_by_budget
+    assert fitted.configs == [small] * 4 + [deeper] * 2  # two kept epochs per network
+    # network n starts from seed cfg.seed + n - 1 (training itself is not bit-reproducible on CPU threads)
+    for n in (1, 2):
+        keras.utils.set_random_seed(5 + n - 1)
+        np.testing.assert_array_equal(starts[n], build_convnet(small).get_weights()[0])
+    assert not np.array_equal(starts[1], starts[2])
+    model = fitted.model()
+    assert len(ensemble_members(model)) == 6
+    with pytest.raises(ValueError, match="at least one network"):
+        fit_networks([], cfg, x, y, x[:8], y[:8])
+
+
+def test_fit_networks_shares_the_time_budget() -> None:
+    x, y = _tiny_data()
+    cfg = load_config("smoke", image_size=32, epochs=3, patience=3, batch_size=8, train_minutes=1e-6)
+    net = ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)
+    fitted = fit_networks([net, net], cfg, x, y, x[:8], y[:8])
+    assert fitted.epochs == [1, 1] and fitted.stopped_by_budget
+    assert all(h.stopped_by_budget for h in fitted.histories)
 
 
 def test_balanced_sampling_draws_both_classes_alike() -> None:
