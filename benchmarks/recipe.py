@@ -196,7 +196,10 @@ def train_and_validation(data_dir: str | None, image_size: int | None = None) ->
 def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
     # no time budget: every recipe's 12 epochs
-    cfg = load_config("default", seed=seed, train_minutes=0, **{"image_size": BASE_SIZE, **train_over})
+    # class weights were on in every run's default until session 13: pinned, as the input side is, so that a
+    # recipe means what it meant when it ran (`-class-weights` recipes turn them off)
+    cfg = load_config("default", seed=seed, train_minutes=0,
+                      **{"image_size": BASE_SIZE, "class_weights": True, **train_over})
     (xt, yt), (xv, yv) = splits["train"], splits["val"]
     nets = [ConvNetConfig(image_size=cfg.image_size, **{**BASE, **over})
             for over in (model_over if isinstance(model_over, list) else [model_over] * cfg.members)]

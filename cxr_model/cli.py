@@ -59,7 +59,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay of the kernels (0 = Adam)")
     p.add_argument("--mixup", type=float,
                    help="final training: blend image pairs by a Beta(a, a) weight, labels alike (0 = off)")
-    p.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
+    p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight the loss against the class imbalance (default: off; --no-class-weights is the same)")
     p.add_argument("--balanced-sampling", action="store_true", default=None,
                    help="draw both classes with equal odds in training (instead of class weights)")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES)

@@ -198,7 +198,7 @@ def recipe_datasets(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, 
 
 def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                y_val: np.ndarray, callbacks: list | tuple = (), verbose: int = 0) -> keras.callbacks.History:
-    """Train `model` the way a run does: augmentation, class weights, early stopping and LR decay on val AUC.
+    """Train `model` the way a run does: augmentation, early stopping and LR decay on val AUC (class weights if set).
 
     With `cfg.train_minutes` a `TimeBudget` ends training before an epoch that would overrun it; the returned
     history's `stopped_by_budget` says whether it did. Its `snapshots` is a `BestSnapshots` holding the weights

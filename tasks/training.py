@@ -1,4 +1,4 @@
-"""Training task: retrain the best hyperparameters with augmentation, class weights and early stopping."""
+"""Training task: retrain the best hyperparameters with augmentation and early stopping, and average the networks."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     argv = ["train", "--profile", "default", "--head", "flatten", "--threshold-rule", "margin", "--train-minutes", "0",
             "--snapshots", "2", "--members", "3", "--intensity", "equalize",
             "--balanced-sampling", "--mixup", "0.3", "--block", "residual",
-            "--antialias", "stem", "--top-trials", "2"]
+            "--antialias", "stem", "--top-trials", "2", "--class-weights", "--weight-decay", "0.05"]
     cfg = load_config("default", **train_overrides(build_parser().parse_args(argv)))
     assert cfg.head == "flatten" and cfg.search_space_params()["fixed"]["head"] == "flatten"
     assert cfg.search_space_params()["fixed"]["intensity"] == "equalize"
@@ -78,6 +78,10 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
     assert load_config("default").intensity == "standardize"
     assert cfg.balanced_sampling and not load_config("default").balanced_sampling
     assert cfg.mixup == 0.3 and load_config("default").mixup == 0
+    assert cfg.class_weights and not load_config("default").class_weights and not load_config("full").class_weights
+    assert cfg.search_space_params()["fixed"]["weight_decay"] == 0.05 and load_config("default").weight_decay == 0
+    off = build_parser().parse_args(["train", "--no-class-weights"])
+    assert train_overrides(off)["class_weights"] is False
     assert cfg.threshold_rule == "margin"
     assert cfg.train_minutes == 0  # 0 lifts the default profile's budget (None would be ignored as "not given")
     assert load_config("default").train_minutes == 10 and load_config("default").threshold_rule == "stressed_margin"

@@ -58,7 +58,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert metrics["test_accuracy"] == metrics["test/accuracy"]
     assert {f"test/{m}" for m in TEST_METRICS} <= set(metrics)
     assert metrics["test/threshold"] == metrics["val/final_threshold"]
-    assert params["cfg/threshold_rule"] == "stressed_margin"
+    assert params["cfg/threshold_rule"] == "stressed_margin" and params["cfg/class_weights"] == "False"
     # validation under every stress, scored at the chosen threshold
     assert {f"val/stressed/{s}_specificity" for s in STRESSES} <= set(metrics)
     assert 0.0 <= metrics["val/threshold_cv/margin_balanced_accuracy"] <= 1.0  # every rule cross-fitted on val
@@ -127,9 +127,10 @@ def test_second_run_resumes_search_and_only_a_better_model_takes_champion(smoke_
 
 
 def test_a_mixup_run_searches_trains_and_registers(tmp_path, real_subset) -> None:
-    # end to end with class weights on (the default); that the search stays unmixed is
-    # tests/test_tasks_search.py's job
-    run = run_cxr_train(tmp_path, real_subset, "--mixup", "0.2", "--members", "1", "--snapshots", "1")
+    # end to end with class weights on (off by default: the flag turns them on), which mixup blends like the
+    # labels; that the search stays unmixed is tests/test_tasks_search.py's job
+    run = run_cxr_train(tmp_path, real_subset, "--mixup", "0.2", "--class-weights", "--members", "1",
+                        "--snapshots", "1")
     parent = MlflowClient(run.tracking_uri).get_run(run.result["run_id"])
     assert parent.data.params["cfg/mixup"] == "0.2" and parent.data.params["cfg/class_weights"] == "True"
     assert parent.data.metrics["search/completed_trials"] == 2

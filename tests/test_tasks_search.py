@@ -31,7 +31,7 @@ def test_search_trials_train_without_mixup_but_with_the_class_weights(monkeypatc
         raise _Built
 
     monkeypatch.setattr(tasks.data, "recipe_datasets", spy)
-    cfg = load_config("smoke", image_size=32, mixup=0.4, search_fraction=1.0, augment=False)
+    cfg = load_config("smoke", image_size=32, mixup=0.4, search_fraction=1.0, augment=False, class_weights=True)
     with pytest.raises(_Built):
         tasks.search.search.fn(cfg, DataHandle(manifest_path="unused", digest="d"), run_id="unused")
     batches = list(built["train"])  # one pass: each pass reshuffles

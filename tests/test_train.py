@@ -209,9 +209,10 @@ def test_balanced_sampling_draws_both_classes_alike() -> None:
 
 def test_balanced_sampling_replaces_class_weights() -> None:
     y = np.array([0, 1, 1, 1])
-    assert loss_class_weights(load_config("smoke"), y)[0] > loss_class_weights(load_config("smoke"), y)[1]
-    assert loss_class_weights(load_config("smoke", balanced_sampling=True), y) is None
-    assert loss_class_weights(load_config("smoke", class_weights=False), y) is None
+    weighted = loss_class_weights(load_config("smoke", class_weights=True), y)
+    assert weighted[0] > weighted[1]
+    assert loss_class_weights(load_config("smoke", class_weights=True, balanced_sampling=True), y) is None
+    assert loss_class_weights(load_config("smoke"), y) is None  # off by default
     x, labels = _tiny_data(n=60)
     labels = (np.arange(60) >= 15).astype(int)  # 25% NORMAL
     cfg = load_config("smoke", image_size=32, epochs=1, batch_size=10, train_minutes=0, balanced_sampling=True,
@@ -247,7 +248,8 @@ def test_run_pipeline_carries_the_class_weights_with_and_without_mixup() -> None
     tf.random.set_seed(0)
     x, _ = _tiny_data(n=40)
     labels = (np.arange(40) >= 10).astype(int)
-    cfg = load_config("smoke", image_size=32, epochs=1, batch_size=10, train_minutes=0, mixup=0.2, augment=False)
+    cfg = load_config("smoke", image_size=32, epochs=1, batch_size=10, train_minutes=0, mixup=0.2, augment=False,
+                      class_weights=True)
     train, _ = recipe_datasets(cfg, x, labels, x[:8], labels[:8])
     batches = list(train)
     assert all(len(b) == 3 for b in batches)  # (images, soft labels, blended class weights)
