@@ -26,25 +26,35 @@ HERE = Path(__file__).resolve().parent
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
 
 
+def timed_run(cmd: list[str], cwd: Path, env: dict | None = None, quiet: bool = False) -> tuple[float, float]:
+    """Run `cmd` to the end: (wall minutes, the process's own peak resident memory in GiB).
+
+    Raises CalledProcessError on failure. Each call measures its own child (`os.wait4`), so runs one after
+    another do not inherit each other's peak as `RUSAGE_CHILDREN` would.
+    """
+    started = time.perf_counter()
+    out = subprocess.DEVNULL if quiet else None
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out) as proc:  # killed with this script
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return (time.perf_counter() - started) / 60, usage.ru_maxrss / 2**20
+
+
 def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", profile, "--seed", str(seed),
                "--experiment-name", f"cxr-quality-{profile}", "--model-name", "cxr-pneumonia-bench",
                "--result-json", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
-        started = time.perf_counter()
-        with subprocess.Popen(cmd, cwd=HERE.parent) as proc:  # killed with this script on Ctrl-C
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS, not this script's
-            except BaseException:
-                proc.kill()
-                raise
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        minutes = (time.perf_counter() - started) / 60
-        if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        minutes, peak_gib = timed_run(cmd, HERE.parent)
         result = json.loads(out.read_text())
-    return dict(seed=seed, minutes=minutes, peak_memory_gib=usage.ru_maxrss / 2**20, run_id=result["run_id"],
+    return dict(seed=seed, minutes=minutes, peak_memory_gib=peak_gib, run_id=result["run_id"],
                 threshold=result["threshold"], **{m: result["test"][m] for m in METRICS})
 
 

@@ -1,7 +1,7 @@
 """Speed benchmark: the reference notebook's training against the project's, on the same machine and run.
 
     python benchmarks/speed.py --quick      # < 3 min: training throughput only, on a subset
-    python benchmarks/speed.py              # full: reference priced from 2 epochs, project x 3 seeds, default flow
+    python benchmarks/speed.py              # full: reference priced from 2 epochs, project x 3 seeds, 3 default flows
 
 Writes benchmarks/results/speed-<quick|full>.json and prints a table. Needs CXR_DATA_DIR or --data-dir.
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from quality import timed_run  # noqa: E402
 from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference_augmentation, reference_flops  # noqa: E402
 
 from cxr_model.cache import decoded_images  # noqa: E402
@@ -36,6 +35,7 @@ from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, co
 from cxr_model.stress import stressed_scores  # noqa: E402
 from cxr_model.train import compile_forward, fit_recipe, make_dataset  # noqa: E402
 
+FLOW_FIRST_SEED = 42  # the default flows' seeds: 42, 43, ...
 # The project's recipe under test: the default profile's training on a fixed architecture from its search space.
 DEFAULT = load_config("default")
 PROJECT = ConvNetConfig(image_size=DEFAULT.image_size, blocks=4, filters=32, convs_per_block=1, dense_units=64,
@@ -123,26 +123,29 @@ def train_project(splits, seed: int) -> dict:
     return dict(seed=seed, minutes=seconds / 60, epochs=len(history.history["loss"]), **metrics)
 
 
-def default_flow(data_dir: str) -> dict:
-    """Wall time, peak memory and test metrics of `cxr train --profile default` in a scratch folder."""
+def default_flow(data_dir: str, seed: int) -> dict:
+    """Wall time, peak memory and test metrics of `cxr train --profile default --seed S` in a scratch folder.
+
+    The whole flow: loading, search, training, evaluation (the one test read) and registration.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PREFECT_HOME=f"{tmp}/prefect",
                    CXR_WORK_DIR=f"{tmp}/work")
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "default", "--data-dir",
-                        data_dir, "--result-json", f"{tmp}/result.json"], cwd=tmp, env=env, check=True,
-                       capture_output=True)
-        minutes = (time.perf_counter() - t) / 60
+        minutes, peak_gib = timed_run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "default",
+                                       "--seed", str(seed), "--data-dir", data_dir, "--result-json",
+                                       f"{tmp}/result.json"], Path(tmp), env, quiet=True)
         result = json.loads(Path(f"{tmp}/result.json").read_text())
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return dict(minutes=minutes, peak_memory_gib=peak_gib, threshold=result["threshold"], test=result["test"])
+    return dict(seed=seed, minutes=minutes, peak_memory_gib=peak_gib, threshold=result["threshold"],
+                test=result["test"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="throughput only, on a subset (< 3 min)")
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the project's fixed network (0, 1, ...)")
+    parser.add_argument("--flow-seeds", type=int, default=3,
+                        help=f"whole default flows, seeds {FLOW_FIRST_SEED}, {FLOW_FIRST_SEED + 1}, ... (0 = none)")
     args = parser.parse_args()
     if not args.data_dir:
         sys.exit("error: pass --data-dir or set CXR_DATA_DIR")
@@ -196,13 +199,27 @@ def main() -> None:
         good = mean["accuracy"] >= 0.917 and mean["roc_auc"] >= 0.966
         ref_minutes = result["reference"]["minutes_12_epochs"]
         result["time_to_accuracy_speedup"] = ref_minutes / mean["minutes"] if good else None
-        result["default_flow"] = default_flow(args.data_dir)
-        flow = result["default_flow"]
         print(f"reference 12 epochs: {ref_minutes:.1f} min; project mean {mean['minutes']:.1f} min, test acc "
               f"{mean['accuracy']:.4f}, AUC {mean['roc_auc']:.4f}, sens {mean['sensitivity']:.4f}, spec "
-              f"{mean['specificity']:.4f}; speedup {result['time_to_accuracy_speedup']}")
-        print(f"default flow: {flow['minutes']:.1f} min, peak {flow['peak_memory_gib']:.2f} GiB, test acc "
-              f"{flow['test']['accuracy']:.4f}, AUC {flow['test']['roc_auc']:.4f}")
+              f"{mean['specificity']:.4f}; speedup {result['time_to_accuracy_speedup']}", flush=True)
+        flows = []
+        for seed in range(FLOW_FIRST_SEED, FLOW_FIRST_SEED + args.flow_seeds):
+            flows.append(default_flow(args.data_dir, seed))
+            f = flows[-1]
+            print(f"default flow, seed {seed}: {f['minutes']:.1f} min, peak {f['peak_memory_gib']:.2f} GiB, test acc "
+                  f"{f['test']['accuracy']:.4f}, AUC {f['test']['roc_auc']:.4f}, spec {f['test']['specificity']:.4f}",
+                  flush=True)
+        if flows:
+            flow_mean = {k: statistics.mean(f["test"][k] for f in flows) for k in flows[0]["test"]}
+            flow_minutes = statistics.mean(f["minutes"] for f in flows)
+            result["default_flow"] = dict(seeds=flows, minutes=flow_minutes, test=flow_mean,
+                                          peak_memory_gib=max(f["peak_memory_gib"] for f in flows))
+            # the stricter reading: the whole flow (search and evaluation included) against the reference's training
+            good = flow_mean["accuracy"] >= 0.917 and flow_mean["roc_auc"] >= 0.966
+            result["flow_time_to_accuracy_speedup"] = ref_minutes / flow_minutes if good else None
+            print(f"default flow, mean of {len(flows)}: {flow_minutes:.1f} min, test acc {flow_mean['accuracy']:.4f}, "
+                  f"AUC {flow_mean['roc_auc']:.4f}, spec {flow_mean['specificity']:.4f}; whole-flow speedup "
+                  f"{result['flow_time_to_accuracy_speedup']}")
     out = HERE / "results" / f"speed-{'quick' if args.quick else 'full'}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
