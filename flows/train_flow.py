@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 from prefect import flow
 
@@ -17,17 +19,29 @@ from tasks.visualize import visualize
 
 @flow(name="cxr-pneumonia-train", log_prints=True)
 def train_flow(cfg: TrainConfig) -> dict:
-    """Run the whole workflow for one config; returns the run id, test metrics and the registered version."""
+    """Run the whole workflow for one config; returns the run id, test metrics and the registered version.
+
+    Each stage's wall time is logged as `time/<stage>_seconds` and returned under "seconds".
+    """
     mlflow.set_experiment(cfg.experiment_name)
     tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline"}
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, task, *args):
+        started = time.perf_counter()
+        out = task(*args)
+        seconds[stage] = time.perf_counter() - started
+        return out
+
     with mlflow.start_run(run_name=f"{cfg.profile}-{cfg.tuner}", tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params({f"cfg/{k}": v for k, v in cfg.model_dump(mode="json").items()})
-        data = load_data(cfg, run_id)
-        visualize(cfg, data, run_id)
-        top_hparams = search(cfg, data, run_id)  # the best cfg.top_trials trials, best first
-        trained = train_model(cfg, data, top_hparams, run_id)
-        evaluation = evaluate(cfg, data, trained, run_id)
-        registration = register(cfg, data, trained, evaluation, run_id)
+        data = timed("load", load_data, cfg, run_id)
+        timed("visualize", visualize, cfg, data, run_id)
+        top_hparams = timed("search", search, cfg, data, run_id)  # the best cfg.top_trials trials, best first
+        trained = timed("train", train_model, cfg, data, top_hparams, run_id)
+        evaluation = timed("evaluate", evaluate, cfg, data, trained, run_id)
+        registration = timed("register", register, cfg, data, trained, evaluation, run_id)
+        mlflow.log_metrics({f"time/{stage}_seconds": s for stage, s in seconds.items()})
     return {"run_id": run_id, "test": evaluation.test, "threshold": evaluation.threshold,
-            "registered": registration.model_dump()}
+            "registered": registration.model_dump(), "seconds": seconds}

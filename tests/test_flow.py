@@ -64,6 +64,9 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert 0.0 <= metrics["val/threshold_cv/margin_balanced_accuracy"] <= 1.0  # every rule cross-fitted on val
     assert "val/threshold_cv/youden_threshold_logit_sd" in metrics
     assert len(client.get_metric_history(parent.info.run_id, "val/auc")) >= 1  # per-epoch training curve
+    stages = ("load", "visualize", "search", "train", "evaluate", "register")
+    assert set(smoke_flow.result["seconds"]) == set(stages)  # each stage's wall time, logged and returned
+    assert all(metrics[f"time/{s}_seconds"] == smoke_flow.result["seconds"][s] > 0 for s in stages)
     # artifacts
     artifacts = _artifacts(client, parent.info.run_id)
     assert {f"plots/{p}.png" for p in PLOTS} <= artifacts
