@@ -168,6 +168,13 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # histogram equalization at the default's 96 px (session 8 rejected it on one seed at 128 px): no monotone
     # exposure curve can move the score, so the gamma stresses cannot cost anything; the others judge it
     "geometry@96+equalize": (dict(intensity="equalize"), dict(**GEOMETRY, image_size=96)),
+    # session 14, for the `full` profile, now that class weights are off (session 13): the two ways of spending
+    # more compute that lost under class weights, asked again without them. 24 epochs with patience 6 (session
+    # 9's `geometry+long` at 128 px): the unweighted default trained all 12 epochs in every flow and kept epoch
+    # 8-12, so it may stop short; and 128 px (session 11 chose 96 with class weights on)
+    "geometry@96-class-weights+long": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, epochs=24,
+                                               patience=6)),
+    "geometry@128-class-weights": ({}, dict(**GEOMETRY, image_size=128, class_weights=False)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
