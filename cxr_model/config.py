@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -159,6 +161,22 @@ class TrainConfig(BaseModel):
                     learning_rate=self.search_learning_rate,
                     fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
                                label_smoothing=self.label_smoothing, weight_decay=self.weight_decay))
+
+    def search_state_key(self) -> str:
+        """A short digest of every setting a search trial's score depends on (its state folder is named by it).
+
+        `--resume` continues a search only under the same key: the same split (seed, val_fraction,
+        max_per_class), input size, space, trial length and share of the data, batch size, augmentation and class
+        weighting. Settings that only decide how many trials run or what happens after the search (max_trials,
+        top_trials, epochs, the threshold rule, tracking) are left out, so a finished search can be extended.
+        """
+        settings = dict(space=self.search_space_params(), image_size=self.image_size, seed=self.seed,
+                        val_fraction=self.val_fraction, max_per_class=self.max_per_class,
+                        search_epochs=self.search_epochs, search_fraction=self.search_fraction,
+                        batch_size=self.batch_size, patience=self.patience, augment=self.augment,
+                        augmentation=self.augmentation_params(), class_weights=self.class_weights,
+                        balanced_sampling=self.balanced_sampling)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def augmentation_params(self) -> dict[str, float | int]:
         """Keyword arguments of `build_augmentation` for this run."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 
 import keras
@@ -56,13 +54,11 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     val = manifest[manifest["split"] == "val"]
     train_ds, val_ds = fit_datasets(cfg, images, train, val, mixup=False)  # mixup is the final training's only
 
-    space = cfg.search_space_params()
-    # Resuming only makes sense for the same data, input size and space: they name the state folder.
-    space_key = hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:8]
+    # Resuming only makes sense for the same data and the same trial settings: they name the state folder.
     tuner = make_tuner(
-        cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace(**space)), cfg.tuner_dir,
-        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{space_key}", max_trials=cfg.max_trials,
-        search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
+        cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace(**cfg.search_space_params())), cfg.tuner_dir,
+        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{cfg.search_state_key()}",
+        max_trials=cfg.max_trials, search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
     )
     tuner.parent_run_id = run_id
     with in_run(run_id):

@@ -111,3 +111,18 @@ def test_cli_rejects_bad_settings_with_a_clear_message(capsys) -> None:
         args = build_parser().parse_args(["train", "--profile", "default", *argv])
         assert args.func(args) == 2  # before any data is read or any server starts
         assert message in capsys.readouterr().err
+
+
+def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
+    """`--resume` continues a search only where its finished trials were scored under the same settings."""
+    base = load_config("smoke")
+    key = base.search_state_key()
+    assert key == load_config("smoke").search_state_key()  # stable across processes: a digest, not hash()
+    # a finished search can be extended, and what follows the search does not matter to it
+    for same in (dict(max_trials=5), dict(epochs=7), dict(threshold_rule="youden"), dict(experiment_name="x")):
+        assert load_config("smoke", **same).search_state_key() == key, same
+    # but every setting that changes how a trial trains or what it is scored on starts a new search
+    for other in (dict(class_weights=True), dict(zoom=0.1), dict(seed=7), dict(val_fraction=0.2),
+                  dict(search_fraction=0.5), dict(search_epochs=3), dict(image_size=96), dict(weight_decay=0.05),
+                  dict(search_filters=(16,)), dict(balanced_sampling=True), dict(batch_size=8)):
+        assert load_config("smoke", **other).search_state_key() != key, other
