@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check cxr_model tasks flows tests benchmarks
 
 ui: setup  ## browse runs and the registry at http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf work

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
@@ -30,6 +31,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-epochs", type=int)
     p.add_argument("--search-fraction", type=float)
     p.add_argument("--resume", action="store_true", default=None, help="continue the saved search state")
+    # the search space: ranges (MIN MAX) or choices (N ...) of cxr_model.search.SearchSpace
+    p.add_argument("--search-blocks", type=int, nargs=2, metavar=("MIN", "MAX"), help="conv blocks")
+    p.add_argument("--search-filters", type=int, nargs="+", metavar="N", help="filters of the first block")
+    p.add_argument("--search-convs-per-block", type=int, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--search-dropout", type=float, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--search-dense-units", type=int, nargs="+", metavar="N", help="hidden dense units (0: none)")
+    p.add_argument("--search-learning-rate", type=float, nargs=2, metavar=("MIN", "MAX"), help="log-uniform")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patience", type=int)
@@ -67,6 +75,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=list(TTA_VIEWS), help="test-time views averaged in evaluation and serving")
     p.add_argument("--experiment-name")
     p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
+    p.add_argument("--champion-metric", choices=get_args(TrainConfig.model_fields["champion_metric"].annotation),
+                   help="validation metric a new version must beat to take the `champion` alias (default roc_auc)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
     p.add_argument("--result-json", type=Path, help="also write the run summary (run id, test metrics, version) here")
     p.set_defaults(func=_train)
@@ -87,7 +97,13 @@ def _train(args: argparse.Namespace) -> int:
             where = "--" + "-".join(map(str, error["loc"])).replace("_", "-") if error["loc"] else "settings"
             print(f"error: {where}: {error['msg']}", file=sys.stderr)
         return 2
-    cfg.resolved_data_dir()  # fail before any server starts if the data is missing
+    # fail before any server starts or any image is decoded: the data, the tracking server, the result path
+    from cxr_model.data import check_layout
+
+    check_layout(cfg.resolved_data_dir())  # train/ and test/, NORMAL/ and PNEUMONIA/ in each; no image read
+    check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if args.result_json and not args.result_json.parent.is_dir():
+        raise DataConfigError(f"--result-json: folder {args.result_json.parent} does not exist")
 
     from cxr_model.train import configure_threads
 
@@ -100,6 +116,32 @@ def _train(args: argparse.Namespace) -> int:
     if args.result_json:
         args.result_json.write_text(text)
     return 0
+
+
+class TrackingServerError(RuntimeError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """For an http(s) tracking URI, one request to the server's /health before hours of training depend on it.
+
+    Any HTTP answer counts as reachable (an auth proxy may refuse /health); no answer at all is a clear error.
+    Local stores (sqlite, file, postgresql through a server) need no check here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({reason}). Start it (see "
+                                  "docker/), or point MLFLOW_TRACKING_URI at one that runs.") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # Its telemetry heartbeat races the flow for the temporary server's SQLite file ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the documented run store, whatever MLflow's own default is in the installed version
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataConfigError as exc:
+    except (DataConfigError, TrackingServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -48,7 +48,7 @@ def parse_patient_id(filename: str) -> str:
     return Path(name).stem
 
 
-def _check_layout(root: Path) -> list[tuple[str, Path]]:
+def check_layout(root: Path) -> list[tuple[str, Path]]:
     """(split, class folder) pairs to index; raise naming the first missing folder."""
     folders = []
     for split in REQUIRED_SPLITS + OPTIONAL_SPLITS:
@@ -75,7 +75,7 @@ def index_dataset(root: str | Path) -> IndexResult:
     """Index a Kaggle-layout folder (train/, test/, optional val/; NORMAL/ and PNEUMONIA/ in each)."""
     root = Path(root)
     rows, skipped = [], []
-    for split, class_dir in _check_layout(root):
+    for split, class_dir in check_layout(root):
         found = 0
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
             try:

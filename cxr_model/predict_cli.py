@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import sys
 import urllib.error
@@ -77,6 +78,8 @@ def http_predictor(url: str, timeout: float = 120.0) -> Predictor:
             raise PredictError(f"{endpoint} answered HTTP {exc.code}: {answer.get('message', text[:500])}") from None
         except urllib.error.URLError as exc:
             raise PredictError(f"cannot reach {endpoint}: {exc.reason}") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # a timeout, a dropped or garbled answer
+            raise PredictError(f"{endpoint} did not answer in full: {exc!r}") from None
 
     return predict
 
@@ -106,8 +109,23 @@ def local_predictor(model_uri: str) -> Predictor:
 
 
 def score_files(files: list[Path], predict: Predictor, batch_size: int = 16) -> list[dict]:
-    """One row per file (COLUMNS); a file that cannot be read or decoded gets an error instead of a score."""
+    """One row per file (COLUMNS); a file that cannot be read or decoded gets an error instead of a score.
+
+    If the model or server fails for a whole batch (PredictError), the files scored so far keep their scores and
+    that batch and every later file get the error, `not scored: <why>`; nothing already scored is lost.
+    """
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be at least 1, not {batch_size}")
     rows: dict[int, dict] = {}
+    try:
+        _score_batches(files, predict, batch_size, rows)
+    except PredictError as exc:
+        for i in range(len(files)):
+            rows.setdefault(i, {"error": f"not scored: {exc}"})
+    return [{**dict.fromkeys(COLUMNS), **rows[i], "path": str(path)} for i, path in enumerate(files)]
+
+
+def _score_batches(files: list[Path], predict: Predictor, batch_size: int, rows: dict[int, dict]) -> None:
     for start in range(0, len(files), batch_size):
         pending: list[tuple[int, str]] = []  # (index into files, base64 file)
         for i in range(start, min(start + batch_size, len(files))):
@@ -131,7 +149,6 @@ def score_files(files: list[Path], predict: Predictor, batch_size: int = 16) -> 
             for (i, _), answer in zip(pending, answers, strict=True):
                 rows[i] = answer
             pending = []
-    return [{**dict.fromkeys(COLUMNS), **rows[i], "path": str(path)} for i, path in enumerate(files)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -165,15 +182,24 @@ def write_csv(rows: list[dict], target: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Score the files; 0 if every file got a prediction, 1 if some failed, 2 if nothing could be scored."""
+    """Score the files; 0 if every file got a prediction, 1 if some failed, 2 if nothing could be scored.
+
+    When the server or model fails partway, what was scored is still printed and written, the rest marked.
+    """
     try:
         files = find_images(args.paths)
         if not files:
             raise PredictError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.paths}")
+        if args.batch_size < 1:
+            raise PredictError(f"--batch-size must be at least 1, not {args.batch_size}")
         predict = http_predictor(args.url, args.timeout) if args.url else local_predictor(args.model_uri)
         rows = score_files(files, predict, args.batch_size)
     except (PredictError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if all(row["probability"] is None for row in rows) and all(str(r["error"]).startswith("not scored:")
+                                                               for r in rows):
+        print(f"error: {rows[0]['error'].removeprefix('not scored: ')}", file=sys.stderr)
         return 2
     if args.csv:
         write_csv(rows, args.csv)

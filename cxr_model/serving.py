@@ -41,7 +41,8 @@ SIGNATURE = ModelSignature(
 )
 
 # Packages the served model imports, pinned at the installed versions (saves MLflow's slow inference).
-SERVED_PACKAGES = ("mlflow", "cloudpickle", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow")
+# TensorFlow is pinned under the name it was installed as: tensorflow-cpu here, tensorflow on a GPU worker or a Mac.
+SERVED_PACKAGES = ("mlflow", "cloudpickle", ("tensorflow-cpu", "tensorflow"), "keras", "numpy", "pandas", "pillow")
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
 _WHITESPACE = re.compile(r"\s+")
@@ -49,9 +50,19 @@ _WHITESPACE = re.compile(r"\s+")
 
 def pip_requirements() -> list[str]:
     """`pip_requirements` for `mlflow.pyfunc.log_model`: the served model's imports at installed versions."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{name}=={version(name)}" for name in SERVED_PACKAGES]
+    pins = []
+    for names in SERVED_PACKAGES:
+        for name in (names,) if isinstance(names, str) else names:
+            try:
+                pins.append(f"{name}=={version(name)}")
+                break
+            except PackageNotFoundError:
+                continue
+        else:
+            raise RuntimeError(f"None of {names} is installed; the served model needs it")
+    return pins
 
 
 class RequestError(MlflowException):

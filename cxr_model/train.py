@@ -15,8 +15,8 @@ from cxr_model.data import class_weights
 from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, mean_ensemble, warp_view
 
 
-def configure_threads(intra_op: int | None, inter_op: int | None = 2) -> None:
-    """Fix TensorFlow's thread pools before the first op runs (no effect afterwards)."""
+def configure_threads(intra_op: int | None, inter_op: int | None = None) -> None:
+    """Fix TensorFlow's thread pools before the first op runs (no effect afterwards); None keeps TF's choice."""
     try:
         if intra_op:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op)

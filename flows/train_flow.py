@@ -8,6 +8,7 @@ import mlflow
 from prefect import flow
 
 from cxr_model.config import TrainConfig
+from cxr_model.train import configure_threads
 from tasks.data import load_data
 from tasks.evaluate import evaluate
 from tasks.register import register
@@ -23,6 +24,7 @@ def train_flow(cfg: TrainConfig) -> dict:
 
     Each stage's wall time is logged as `time/<stage>_seconds` and returned under "seconds".
     """
+    configure_threads(cfg.threads)  # here too, for a deployment or worker that calls the flow without the CLI
     mlflow.set_experiment(cfg.experiment_name)
     tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline"}
     seconds: dict[str, float] = {}

@@ -126,3 +126,78 @@ def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
                   dict(search_fraction=0.5), dict(search_epochs=3), dict(image_size=96), dict(weight_decay=0.05),
                   dict(search_filters=(16,)), dict(balanced_sampling=True), dict(batch_size=8)):
         assert load_config("smoke", **other).search_state_key() != key, other
+
+
+def test_every_config_field_has_a_cli_flag() -> None:
+    """`cxr train --help` reaches every setting (README: every setting can be overridden)."""
+    from cxr_model.cli import build_parser, train_overrides
+    from cxr_model.config import TrainConfig
+
+    args = build_parser().parse_args(["train"])
+    assert set(train_overrides(args)) == set(TrainConfig.model_fields) - {"profile"}
+    argv = ["train", "--search-blocks", "2", "4", "--search-filters", "8", "16", "--search-convs-per-block", "1", "1",
+            "--search-dropout", "0.2", "0.3", "--search-dense-units", "0", "--search-learning-rate", "1e-4", "1e-3",
+            "--champion-metric", "pr_auc"]
+    cfg = load_config("smoke", **train_overrides(build_parser().parse_args(argv)))
+    space = cfg.search_space_params()
+    assert space["blocks"] == (2, 4) and space["filters"] == (8, 16) and space["convs_per_block"] == (1, 1)
+    assert space["dropout"] == (0.2, 0.3) and space["dense_units"] == (0,) and space["learning_rate"] == (1e-4, 1e-3)
+    assert cfg.champion_metric == "pr_auc" and load_config("smoke").champion_metric == "roc_auc"
+
+
+def _layout(root: Path, splits=("train", "test")) -> Path:
+    for split in splits:
+        for name in ("NORMAL", "PNEUMONIA"):
+            (root / split / name).mkdir(parents=True)
+    return root
+
+
+def test_cli_stops_before_any_server_or_image_on_a_bad_layout_or_an_unreachable_tracking_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import socket
+
+    from cxr_model.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "never.db"))
+    partial = _layout(tmp_path / "partial", splits=("train",))
+    assert main(["train", "--profile", "smoke", "--data-dir", str(partial)]) == 2
+    assert "Missing split folder" in capsys.readouterr().err
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    data = _layout(tmp_path / "data")
+    assert main(["train", "--profile", "smoke", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in err
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "never.db"))
+    assert main(["train", "--profile", "smoke", "--data-dir", str(data),
+                 "--result-json", str(tmp_path / "no" / "such" / "r.json")]) == 2
+    assert "--result-json: folder" in capsys.readouterr().err
+    assert not (tmp_path / "never.db").exists()  # nothing was started
+
+
+def test_a_tracking_server_that_answers_at_all_counts_as_reachable() -> None:
+    """An auth proxy may refuse /health: any HTTP answer means the server is there."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cxr_model.cli import check_tracking_server
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_server(f"http://127.0.0.1:{server.server_address[1]}")
+        check_tracking_server("sqlite:///mlflow.db")  # local stores are not checked
+    finally:
+        server.shutdown()

@@ -168,6 +168,26 @@ def test_pip_requirements_pin_what_the_model_imports() -> None:
     assert {r.split("==")[0] for r in reqs} >= {"mlflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas"}
 
 
+def test_pip_requirements_pin_tensorflow_under_the_name_it_was_installed_as(monkeypatch) -> None:
+    """A GPU worker or a Mac has `tensorflow`, not `tensorflow-cpu`: registering must not fail there."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def gpu_machine(name: str) -> str:
+        if name == "tensorflow-cpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "2.21.0" if name == "tensorflow" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", gpu_machine)
+    names = [r.split("==")[0] for r in pip_requirements()]
+    assert "tensorflow" in names and "tensorflow-cpu" not in names
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    with pytest.raises(RuntimeError, match="None of"):
+        pip_requirements()
+
+
 def test_signature_has_one_string_column_and_three_outputs() -> None:
     assert SIGNATURE.inputs.input_names() == [INPUT_COLUMN]
     assert SIGNATURE.outputs.input_names() == ["probability", "label", "threshold"]
@@ -446,3 +466,44 @@ def test_cli_predict_over_http_and_in_process_agree(server: str, smoke_flow: Flo
     code, local_rows, _ = cxr_predict("--csv", str(tmp_path / "out.csv"))  # default --model-uri
     assert code == 1
     pd.testing.assert_frame_equal(local_rows, http_rows)
+
+
+def test_score_files_keeps_what_was_scored_when_the_server_fails_midway(tmp_path: Path) -> None:
+    """A server that dies after the first batch: batch 1 keeps its scores, the rest say why they have none."""
+    from cxr_model.predict_cli import PredictError
+
+    files = []
+    for n in range(5):
+        (tmp_path / f"{n}.png").write_bytes(b"x" * (n + 1))
+        files.append(tmp_path / f"{n}.png")
+    calls = []
+
+    def dies_after_one_batch(images: list[str]) -> list[dict]:
+        calls.append(len(images))
+        if len(calls) > 1:
+            raise PredictError("cannot reach http://h/invocations: connection refused")
+        return [{"probability": 0.5, "label": "PNEUMONIA", "threshold": 0.4} for _ in images]
+
+    rows = score_files(files, dies_after_one_batch, batch_size=2)
+    assert calls == [2, 2]  # no retry storm: the third batch is not sent
+    assert [r["probability"] for r in rows] == [0.5, 0.5, None, None, None]
+    assert all(r["error"] == "not scored: cannot reach http://h/invocations: connection refused" for r in rows[2:])
+    with pytest.raises(PredictError, match="at least 1"):
+        score_files(files, dies_after_one_batch, batch_size=0)
+
+
+def test_cli_predict_exit_status_when_the_server_is_gone(tmp_path: Path, capsys) -> None:
+    import socket
+
+    from cxr_model.cli import build_parser
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = build_parser().parse_args(["predict", str(tmp_path), "--url", f"http://127.0.0.1:{port}", "--timeout", "5"])
+    assert args.func(args) == 2  # nothing could be scored
+    assert "cannot reach" in capsys.readouterr().err
+    args = build_parser().parse_args(["predict", str(tmp_path), "--url", "http://127.0.0.1:1", "--batch-size", "0"])
+    assert args.func(args) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
