@@ -42,8 +42,12 @@ def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> 
         images = np.stack([decode_file(p, size) for p in unique["path"]])  # (U, S, S, 1)
         array_path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a crash never leaves a half-written cache that looks complete.
+        # Both files, so that two processes filling the same cache at once (workers on a shared work folder)
+        # each replace a whole file and a reader never sees a half-written one.
         tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, images)
-        keys_path.write_text(json.dumps(unique["sha256"].tolist()))
+        tmp_keys = keys_path.with_suffix(f".tmp{os.getpid()}.json")
+        tmp_keys.write_text(json.dumps(unique["sha256"].tolist()))
+        os.replace(tmp_keys, keys_path)
         os.replace(tmp, array_path)
     return DecodedImages(json.loads(keys_path.read_text()), np.load(array_path, mmap_mode="r"))

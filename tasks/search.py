@@ -55,9 +55,13 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     train_ds, val_ds = fit_datasets(cfg, images, train, val, mixup=False)  # mixup is the final training's only
 
     # Resuming only makes sense for the same data and the same trial settings: they name the state folder.
+    project_name = f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{cfg.search_state_key()}"
+    if cfg.resume and not (cfg.tuner_dir / project_name).is_dir():
+        print(f"--resume: no search state for these data and settings at {cfg.tuner_dir / project_name} "
+              "(a setting that scores trials differently starts a new search); starting a new one")
     tuner = make_tuner(
         cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace(**cfg.search_space_params())), cfg.tuner_dir,
-        project_name=f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{cfg.search_state_key()}",
+        project_name=project_name,
         max_trials=cfg.max_trials, search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
     )
     tuner.parent_run_id = run_id
