@@ -175,6 +175,11 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "geometry@96-class-weights+long": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, epochs=24,
                                                patience=6)),
     "geometry@128-class-weights": ({}, dict(**GEOMETRY, image_size=128, class_weights=False)),
+    # session 14, second rule: the two regularisers that tied under class weights (sessions 12 and 13), asked again
+    # without them; neither costs compute, so an adopted one would move the default and the full profile alike
+    "geometry@96-class-weights+wd": (dict(weight_decay=0.05), dict(**GEOMETRY, image_size=96, class_weights=False)),
+    "geometry@96-class-weights+smooth": (dict(label_smoothing=0.1),
+                                         dict(**GEOMETRY, image_size=96, class_weights=False)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
