@@ -156,7 +156,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("CXR_DATA_DIR"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the project's fixed network (0, 1, ...)")
     parser.add_argument("--flow-seeds", type=int, default=3,
-                        help=f"whole default flows, seeds {FLOW_FIRST_SEED}, {FLOW_FIRST_SEED + 1}, ... (0 = none)")
+                        help="whole default flows, seeds --flow-first-seed, +1, ... (0 = none)")
+    parser.add_argument("--flow-first-seed", type=int, default=FLOW_FIRST_SEED,
+                        help="seed of the first whole flow (default %(default)s); fresh seeds read test afresh")
+    parser.add_argument("--out", help="results file name under benchmarks/results (default speed-full.json, or "
+                                      "speed-quick.json with --quick)")
     args = parser.parse_args()
     if not args.data_dir:
         sys.exit("error: pass --data-dir or set CXR_DATA_DIR")
@@ -213,7 +217,7 @@ def main() -> None:
               f"{mean['accuracy']:.4f}, AUC {mean['roc_auc']:.4f}, sens {mean['sensitivity']:.4f}, spec "
               f"{mean['specificity']:.4f}; speedup {result['time_to_accuracy_speedup']}", flush=True)
         flows = []
-        for seed in range(FLOW_FIRST_SEED, FLOW_FIRST_SEED + args.flow_seeds):
+        for seed in range(args.flow_first_seed, args.flow_first_seed + args.flow_seeds):
             flows.append(default_flow(args.data_dir, seed))
             f = flows[-1]
             print(f"default flow, seed {seed}: {f['minutes']:.1f} min, peak {f['peak_memory_gib']:.2f} GiB, test acc "
@@ -234,7 +238,7 @@ def main() -> None:
                   f"training), test acc {flow_mean['accuracy']:.4f}, AUC {flow_mean['roc_auc']:.4f}, spec "
                   f"{flow_mean['specificity']:.4f}; speedup {result['flow_time_to_accuracy_speedup']} (whole flow: "
                   f"reference / flow {result['whole_flow_time_ratio']:.1f}x)")
-    out = HERE / "results" / f"speed-{'quick' if args.quick else 'full'}.json"
+    out = HERE / "results" / (args.out or f"speed-{'quick' if args.quick else 'full'}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"training throughput vs reference: {own_ips / ref_ips:.1f}x")
