@@ -79,6 +79,17 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
+def check_convertible(img: Image.Image) -> None:
+    """Raise ImageDecodeError if `decode_image` could not turn this opened image into grayscale (its mode).
+
+    Converts one pixel, not the image, so indexing a dataset stays as cheap as opening it.
+    """
+    try:
+        _to_grayscale(img.crop((0, 0, 1, 1)))
+    except ValueError as exc:  # a mode Pillow cannot convert, such as LAB
+        raise ImageDecodeError(f"unsupported image mode {img.mode} ({exc})") from exc
+
+
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
     img = open_image(data, max_pixels=max_pixels)

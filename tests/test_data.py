@@ -67,6 +67,14 @@ def test_index_accepts_any_size_and_mode(synthetic_dataset: Path) -> None:
     assert extra.loc["IM-0903", "mode"] == "RGB"
 
 
+def _tiff(img: Image.Image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    img.save(out, format="TIFF")
+    return out.getvalue()
+
+
 def test_junk_files_are_reported_not_touched(synthetic_dataset: Path) -> None:
     folder = synthetic_dataset / "train" / "PNEUMONIA"
     good = next(folder.glob("*.jpeg")).read_bytes()
@@ -75,6 +83,7 @@ def test_junk_files_are_reported_not_touched(synthetic_dataset: Path) -> None:
         "person90_bacteria_1.jpeg": b"",  # zero bytes
         "person91_bacteria_1.jpeg": good[: len(good) // 2],  # truncated JPEG
         "person92_bacteria_1.jpeg": b"this is a text file, not an image\n",
+        "person93_bacteria_1.jpeg": _tiff(Image.new("LAB", (8, 8))),  # opens and decodes, no grayscale from it
     }
     for name, data in junk.items():
         (folder / name).write_bytes(data)
@@ -84,6 +93,7 @@ def test_junk_files_are_reported_not_touched(synthetic_dataset: Path) -> None:
     assert set(skipped) == set(junk)
     assert "empty" in skipped["person90_bacteria_1.jpeg"]
     assert "truncated" in skipped["person91_bacteria_1.jpeg"] or "corrupt" in skipped["person91_bacteria_1.jpeg"]
+    assert "unsupported image mode LAB" in skipped["person93_bacteria_1.jpeg"]  # skipped here, not a cache crash
     assert not any(Path(p).name in junk for p in result.manifest["path"])
     assert {name: (folder / name).read_bytes() for name in junk} == before  # raw data untouched
 
