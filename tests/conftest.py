@@ -87,9 +87,11 @@ class FlowRun:
     result: dict  # what `cxr train --result-json` wrote: run id, test metrics, registered version
 
 
-def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None) -> FlowRun:
+def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None,
+                  tracking_uri: str | None = None) -> FlowRun:
+    """`cxr train --profile smoke` in `cwd`; its own sqlite store there unless `tracking_uri` names another."""
     cwd.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    tracking_uri = tracking_uri or f"sqlite:///{cwd / 'mlflow.db'}"
     env = dict(env or os.environ)
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PREFECT_HOME=str(cwd / "prefect-home"),
                CXR_WORK_DIR=str(cwd / "work"), PYTHONUNBUFFERED="1")
