@@ -180,6 +180,11 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "geometry@96-class-weights+wd": (dict(weight_decay=0.05), dict(**GEOMETRY, image_size=96, class_weights=False)),
     "geometry@96-class-weights+smooth": (dict(label_smoothing=0.1),
                                          dict(**GEOMETRY, image_size=96, class_weights=False)),
+    # session 14, third rule: depthwise-separable blocks (the quality issue's "residual or separable blocks"; never
+    # run before): a 3x3 filter per channel then a 1x1 mix, ~1/8 of a block's FLOPs at these widths; fewer weights
+    # per block may lean on fewer texture cues
+    "geometry@96-class-weights+separable": (dict(block="separable"),
+                                            dict(**GEOMETRY, image_size=96, class_weights=False)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err

@@ -51,8 +51,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="train the networks of this many best search trials (each --members times) and average "
                         "them all (1: the best only)")
     p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
-    p.add_argument("--block", choices=["plain", "residual"],
-                   help="conv block: a chain of convs, or the chain plus a shortcut from its input (ResNet)")
+    p.add_argument("--block", choices=get_args(TrainConfig.model_fields["block"].annotation),
+                   help="conv block: a chain of convs, the chain plus a shortcut from its input (ResNet), or a chain "
+                        "of depthwise-separable convs (a 3x3 filter per channel, then a 1x1 mix)")
     p.add_argument("--antialias", choices=["none", "stem", "pools", "all"],
                    help="low-pass filter before downsampling (BlurPool): in a full-resolution stem, in every "
                         "max-pool, or both")

@@ -22,7 +22,7 @@ DATASET_HELP = (
 
 # The network's fixed design choices (cxr_model.model.ConvNetConfig documents each); one definition for both.
 Head = Literal["gap", "flatten"]
-Block = Literal["plain", "residual"]
+Block = Literal["plain", "residual", "separable"]
 Antialias = Literal["none", "stem", "pools", "all"]
 Intensity = Literal["standardize", "equalize", "rescale"]
 

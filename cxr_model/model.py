@@ -22,7 +22,8 @@ class ConvNetConfig:
     max_filters: int = 256
     convs_per_block: int = 1  # 3x3 conv + BN + ReLU repeats inside a block
     # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
-    # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016)
+    # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016);
+    # separable: each block conv is depthwise-separable (MobileNet, Xception; the stem stays a full conv)
     block: Block = "plain"
     # anti-aliased downsampling (Zhang 2019; `BlurPool2D`): stem: the stem convolves at full resolution, then
     # low-pass filters before it subsamples; pools: each max-pool takes its 2x2 max at every place, then filters
@@ -130,19 +131,26 @@ class BlurPool2D(layers.Layer):
         return b, None if h is None else -(-h // 2), None if w is None else -(-w // 2), c
 
 
-def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = "", kernel: int = 3, relu: bool = True):
-    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def _conv_bn_relu(x, filters: int, strides: int = 1, name: str = "", kernel: int = 3, relu: bool = True,
+                  separable: bool = False):
+    if separable:  # a 3x3 filter per input channel, then a 1x1 mix across channels (MobileNet, Xception)
+        x = layers.SeparableConv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                                   name=f"{name}_sepconv")(x)
+    else:
+        x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9 (Keras: 0.99): moving statistics settle within ~50 steps, so the validation score of a
     # 2-epoch search trial measures the weights, not half-initialised batch-norm statistics.
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _block(x, filters: int, convs: int, residual: bool, name: str):
-    """`convs` 3x3 conv + BN + ReLU in a chain; residual: the input's shortcut joins before the last ReLU."""
+def _block(x, filters: int, convs: int, residual: bool, name: str, separable: bool = False):
+    """`convs` 3x3 conv + BN + ReLU in a chain; residual: the input's shortcut joins before the last ReLU;
+    separable: each conv is depthwise-separable."""
     inputs = x
     for c in range(convs):
-        x = _conv_bn_relu(x, filters, name=f"{name}_{c + 1}", relu=not (residual and c == convs - 1))
+        x = _conv_bn_relu(x, filters, name=f"{name}_{c + 1}", relu=not (residual and c == convs - 1),
+                          separable=separable)
     if not residual:
         return x
     shortcut = inputs if inputs.shape[-1] == filters else _conv_bn_relu(
@@ -162,7 +170,8 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
         x = _conv_bn_relu(x, stem, strides=cfg.stem_stride, name="stem")  # (B, S/2, S/2, F/2)
     for b in range(cfg.blocks):
         width = min(cfg.filters * 2**b, cfg.max_filters)
-        x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}")
+        x = _block(x, width, cfg.convs_per_block, cfg.block == "residual", name=f"block{b + 1}",
+                   separable=cfg.block == "separable")
         if x.shape[1] >= 2:  # small inputs run out of resolution before they run out of blocks
             if cfg.blurred_pools:  # the max over each 2x2 window at every place, then filter and subsample
                 x = layers.MaxPooling2D(strides=1, padding="same", name=f"block{b + 1}_maxpool")(x)
@@ -392,7 +401,10 @@ def count_flops(cfg: ConvNetConfig) -> int:
         if cfg.block == "residual" and channels != width:  # the 1x1 projection of the shortcut
             flops += 2 * side * side * channels * width
         for _ in range(cfg.convs_per_block):
-            flops += 2 * side * side * 9 * channels * width
+            if cfg.block == "separable":  # depthwise 3x3 per input channel, then the 1x1 pointwise mix
+                flops += 2 * side * side * (9 * channels + channels * width)
+            else:
+                flops += 2 * side * side * 9 * channels * width
             channels = width
         if cfg.blurred_pools and side >= 2:  # 3x3 per-channel filter at the halved side
             half = -(-side // 2)  # the filter's output side: ceil(side / 2)

@@ -444,3 +444,25 @@ def test_forward_over_views_is_the_mean_of_each_view() -> None:
     np.testing.assert_allclose(compile_forward(model)(x), each[0], rtol=0, atol=1e-6)  # default: the image alone
     with pytest.raises(ValueError, match="at least one view"):
         compile_forward(model, views=())
+
+
+def test_separable_blocks_filter_each_channel_then_mix_and_count_their_flops(tmp_path: Path) -> None:
+    """`block="separable"`: every block conv is a depthwise 3x3 plus a 1x1 mix; the stem stays a full conv."""
+    cfg = ConvNetConfig(image_size=32, blocks=2, filters=8, convs_per_block=1, dense_units=0, block="separable")
+    model = build_convnet(cfg)
+    seps = [layer for layer in model.layers if isinstance(layer, keras.layers.SeparableConv2D)]
+    assert [layer.name for layer in seps] == ["block1_1_sepconv", "block2_1_sepconv"]
+    assert isinstance(model.get_layer("stem_conv"), keras.layers.Conv2D)
+    # block2: 8 -> 16 channels at 8 x 8 places: 9*8 depthwise + 8*16 pointwise weights, no bias
+    assert model.get_layer("block2_1_sepconv").count_params() == 9 * 8 + 8 * 16
+    plain_cfg = ConvNetConfig(**{**cfg.to_dict(), "block": "plain"})
+    # stem 32 -> 16 (8 channels, its minimum), block1 at 16 x 16 (8 -> 8), block2 at 8 x 8 (8 -> 16)
+    saved = (2 * 16 * 16 * (9 * 8 * 8 - (9 * 8 + 8 * 8)) + 2 * 8 * 8 * (9 * 8 * 16 - (9 * 8 + 8 * 16)))
+    assert count_flops(plain_cfg) - count_flops(cfg) == saved
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    path = tmp_path / "sep.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(x, training=False), model(x, training=False), atol=1e-6)
+    from cxr_model.gradcam import gradcam
+
+    assert gradcam(model, x.astype("uint8")).shape == (2, 32, 32)
