@@ -106,9 +106,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.result_json and not args.result_json.parent.is_dir():
         raise DataConfigError(f"--result-json: folder {args.result_json.parent} does not exist")
 
-    from cxr_model.train import configure_threads
-
-    configure_threads(cfg.threads)
     from flows.train_flow import train_flow
 
     result = train_flow(cfg)

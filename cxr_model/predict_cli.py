@@ -21,6 +21,7 @@ from pathlib import Path
 DEFAULT_MODEL_URI = "models:/cxr-pneumonia@champion"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 COLUMNS = ["path", "probability", "label", "threshold", "error"]
+NOT_SCORED = "not scored: "  # the error of a file left unscored because the model or server failed
 
 # base64 image files in, one {"probability", "label", "threshold"} dict per file out
 Predictor = Callable[[list[str]], list[dict]]
@@ -121,7 +122,7 @@ def score_files(files: list[Path], predict: Predictor, batch_size: int = 16) -> 
         _score_batches(files, predict, batch_size, rows)
     except PredictError as exc:
         for i in range(len(files)):
-            rows.setdefault(i, {"error": f"not scored: {exc}"})
+            rows.setdefault(i, {"error": f"{NOT_SCORED}{exc}"})
     return [{**dict.fromkeys(COLUMNS), **rows[i], "path": str(path)} for i, path in enumerate(files)]
 
 
@@ -197,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
     except (PredictError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if all(row["probability"] is None for row in rows) and all(str(r["error"]).startswith("not scored:")
-                                                               for r in rows):
-        print(f"error: {rows[0]['error'].removeprefix('not scored: ')}", file=sys.stderr)
+    if all(str(row["error"]).startswith(NOT_SCORED) for row in rows):  # the model or server failed before any score
+        print(f"error: {rows[0]['error'].removeprefix(NOT_SCORED)}", file=sys.stderr)
         return 2
     if args.csv:
         write_csv(rows, args.csv)

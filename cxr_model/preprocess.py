@@ -79,25 +79,27 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
+def _grayscale(img: Image.Image) -> Image.Image:
+    """`_to_grayscale`, with a mode it cannot convert reported as an ImageDecodeError."""
+    try:
+        return _to_grayscale(img)
+    except ValueError as exc:  # a mode Pillow cannot convert, such as LAB
+        raise ImageDecodeError(f"unsupported image mode {img.mode} ({exc})") from exc
+
+
 def check_convertible(img: Image.Image) -> None:
     """Raise ImageDecodeError if `decode_image` could not turn this opened image into grayscale (its mode).
 
     Converts one pixel, not the image, so indexing a dataset stays as cheap as opening it.
     """
-    try:
-        _to_grayscale(img.crop((0, 0, 1, 1)))
-    except ValueError as exc:  # a mode Pillow cannot convert, such as LAB
-        raise ImageDecodeError(f"unsupported image mode {img.mode} ({exc})") from exc
+    _grayscale(img.crop((0, 0, 1, 1)))
 
 
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
     img = open_image(data, max_pixels=max_pixels)
     img = ImageOps.exif_transpose(img) or img
-    try:
-        gray = _to_grayscale(img)
-    except ValueError as exc:  # a mode Pillow cannot convert, such as LAB
-        raise ImageDecodeError(f"unsupported image mode {img.mode} ({exc})") from exc
+    gray = _grayscale(img)
     if gray.size != (size, size):
         # Squash to a square as the resized dataset does; BILINEAR with PIL's support scaling antialiases.
         gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)

@@ -24,7 +24,7 @@ def train_flow(cfg: TrainConfig) -> dict:
 
     Each stage's wall time is logged as `time/<stage>_seconds` and returned under "seconds".
     """
-    configure_threads(cfg.threads)  # here too, for a deployment or worker that calls the flow without the CLI
+    configure_threads(cfg.threads)  # in the flow, so the CLI and a deployment or worker that calls it get them alike
     mlflow.set_experiment(cfg.experiment_name)
     tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline"}
     seconds: dict[str, float] = {}
