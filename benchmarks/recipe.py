@@ -185,6 +185,11 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # per block may lean on fewer texture cues
     "geometry@96-class-weights+separable": (dict(block="separable"),
                                             dict(**GEOMETRY, image_size=96, class_weights=False)),
+    # session 15: Polyak averaging (`--ema 0.99`: the weights judged, kept and saved are an exponential moving
+    # average over ~100 steps, about 0.7 of an epoch here). Averaging whole networks raised validation and not
+    # test (sessions 7, 11, 13); averaging one network's weights along its path is the other kind, found to land
+    # in flatter regions (Izmailov et al. 2018) and costs no FLOPs, so it would serve the default and `full` alike
+    "geometry@96-class-weights+ema": (dict(ema=0.99), dict(**GEOMETRY, image_size=96, class_weights=False)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err

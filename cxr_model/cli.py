@@ -66,6 +66,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help=f"augmentation: {TrainConfig.model_fields[name].description} (0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay of the kernels (0 = Adam)")
+    p.add_argument("--ema", type=float, help="judge, keep and save a moving average of the weights with this "
+                   "momentum per step, e.g. 0.99 (0 = off)")
     p.add_argument("--mixup", type=float,
                    help="final training: blend image pairs by a Beta(a, a) weight, labels alike (0 = off)")
     p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,

@@ -113,6 +113,9 @@ class TrainConfig(BaseModel):
     noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
     weight_decay: float = Field(0.0, ge=0.0, le=0.5)  # AdamW's decoupled decay of the kernels; 0 = Adam
+    # judge, keep and save an exponential moving average of the weights (Polyak averaging), new = ema * old +
+    # (1 - ema) * current after every step; 0 = off (cxr_model.model.ConvNetConfig.ema)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
     # blend each training image with another of its batch, labels alike, by a Beta(mixup, mixup) weight; 0 = off
     # (final training only: search trials train without it)
     mixup: float = Field(0.0, ge=0.0, le=2.0)
@@ -161,7 +164,8 @@ class TrainConfig(BaseModel):
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
                     learning_rate=self.search_learning_rate,
                     fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
-                               label_smoothing=self.label_smoothing, weight_decay=self.weight_decay))
+                               label_smoothing=self.label_smoothing, weight_decay=self.weight_decay,
+                               ema=self.ema))
 
     def search_state_key(self) -> str:
         """A short digest of every setting a search trial's score depends on (its state folder is named by it).

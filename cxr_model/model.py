@@ -40,6 +40,9 @@ class ConvNetConfig:
     label_smoothing: float = 0.0
     # decoupled weight decay (AdamW, Loshchilov & Hutter 2019) of the conv and dense kernels; 0 = plain Adam
     weight_decay: float = 0.0
+    # Polyak averaging: the weights evaluated, kept and saved are an exponential moving average of the trained
+    # ones, new = ema * old + (1 - ema) * current after every step (`use_ema` of the Keras optimizer); 0 = off
+    ema: float = 0.0
 
     @property
     def blurred_stem(self) -> bool:
@@ -189,12 +192,13 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
     model = keras.Model(inputs, outputs, name=name)
     if not compile:
         return model
+    averaging = dict(use_ema=True, ema_momentum=cfg.ema) if cfg.ema else {}
     if cfg.weight_decay:
-        optimizer = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay, **averaging)
         # kernels only: shrinking biases and batch-norm scales towards 0 is not a penalty on complexity
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     else:
-        optimizer = keras.optimizers.Adam(cfg.learning_rate)
+        optimizer = keras.optimizers.Adam(cfg.learning_rate, **averaging)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),

@@ -106,6 +106,15 @@ def loss_class_weights(cfg: TrainConfig, labels: np.ndarray) -> dict[int, float]
     return class_weights(labels) if cfg.class_weights and not cfg.balanced_sampling else None
 
 
+def averaged_weights_callbacks(averaged: bool) -> list[keras.callbacks.Callback]:
+    """What makes a model whose optimizer keeps a moving average of its weights (`ConvNetConfig.ema`) be judged
+    and kept by those averaged weights: they are swapped in for validation and at each epoch's end, before
+    the callbacks after it in the list (early stopping, snapshots) read the score and the weights, and swapped
+    out again for the next epoch's steps. Empty when not `averaged`. Goes first in `fit`'s callbacks.
+    """
+    return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averaged else []
+
+
 def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
     """Early stopping and learning-rate reduction, both watching validation AUC only."""
     return [
@@ -207,8 +216,9 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
     train, val = recipe_datasets(cfg, x_train, y_train, x_val, y_val)
     budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
     snapshots = BestSnapshots(cfg.snapshots)
+    averaged = averaged_weights_callbacks(getattr(model.optimizer, "use_ema", False))
     history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
-                        callbacks=[*training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
+                        callbacks=[*averaged, *training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
     history.stopped_by_budget = bool(budget and budget[0].stopped_early)
     history.snapshots = snapshots
     return history

@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 
 from cxr_model.config import TrainConfig
 from cxr_model.search import ConvNetHyperModel, SearchSpace, best_distinct_trials, completed_trials, make_tuner
+from cxr_model.train import averaged_weights_callbacks
 from tasks.data import DataHandle, fit_datasets, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
 
@@ -67,7 +68,8 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     tuner.parent_run_id = run_id
     with in_run(run_id):
         tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs,  # class weights ride in train_ds
-                     callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
+                     callbacks=[*averaged_weights_callbacks(bool(cfg.ema)),  # trials judged as runs are
+                                keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
                      verbose=0)
         completed = len(completed_trials(tuner.oracle.trials.values()))
         top = best_distinct_trials(tuner.oracle.trials.values(), cfg.top_trials)

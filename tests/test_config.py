@@ -124,7 +124,7 @@ def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
     # but every setting that changes how a trial trains or what it is scored on starts a new search
     for other in (dict(class_weights=True), dict(zoom=0.1), dict(seed=7), dict(val_fraction=0.2),
                   dict(search_fraction=0.5), dict(search_epochs=3), dict(image_size=96), dict(weight_decay=0.05),
-                  dict(search_filters=(16,)), dict(balanced_sampling=True), dict(batch_size=8)):
+                  dict(ema=0.99), dict(search_filters=(16,)), dict(balanced_sampling=True), dict(batch_size=8)):
         assert load_config("smoke", **other).search_state_key() != key, other
 
 

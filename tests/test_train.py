@@ -147,6 +147,42 @@ def test_fit_recipe_returns_the_best_epochs() -> None:
     assert [aucs[e - 1] for e in history.snapshots.epochs] == sorted(aucs, reverse=True)[:2]
 
 
+def test_fit_recipe_judges_and_keeps_the_averaged_weights() -> None:
+    """With `ema`, each epoch is scored, snapshotted and kept by the moving average of the steps' weights, and the
+    steps themselves go on from the raw weights (the average is swapped in at each epoch's end, out at its start)."""
+    x, y = _tiny_data()
+    momentum = 0.8
+    cfg = load_config("smoke", image_size=32, epochs=3, patience=3, batch_size=8, snapshots=3, train_minutes=0,
+                      augment=False)
+    keras.utils.set_random_seed(0)
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0, learning_rate=0.01,
+                                        ema=momentum))
+    raw, ends = [], []  # the raw trainable weights after every step; the steps done at each epoch's end
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raw.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(len(raw))
+
+    history = fit_recipe(model, cfg, x, y, x[:8], y[:8], callbacks=[Record()])
+    average, averages = raw[0], {1: raw[0]}  # Keras's rule: the first step copies, then m * average + (1 - m) * weights
+    for step, weights in enumerate(raw[1:], start=2):
+        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights, strict=True)]
+        averages[step] = average
+    trainable = [v.trainable for v in model.weights]
+    for epoch, kept in zip(history.snapshots.epochs, history.snapshots.weights, strict=True):
+        kept = [w for w, t in zip(kept, trainable, strict=True) if t]
+        for got, want in zip(kept, averages[ends[epoch - 1]], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert any(not np.allclose(g, r, atol=1e-5) for g, r in zip(kept, raw[ends[epoch - 1] - 1], strict=True))
+    best = history.snapshots.epochs[0]
+    # the model ends on the best epoch's average
+    for got, want in zip(model.trainable_variables, averages[ends[best - 1]], strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_fit_networks_trains_each_network_from_its_own_seed() -> None:
     x, y = _tiny_data()
     cfg = load_config("smoke", image_size=32, epochs=2, patience=2, batch_size=8, snapshots=2, train_minutes=0,
