@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlflow
@@ -12,6 +15,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import BaseModel
 
 import cxr_model
@@ -25,6 +32,7 @@ from tasks.training import TrainedModel
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "val_score"
 BASIS_TAG = "val_score_basis"  # what the score measured (see score_basis)
+LOCK_TIMEOUT_S = 600.0  # how long a registration waits for another flow's compare-and-set before it fails
 
 
 class Registration(BaseModel):
@@ -90,6 +98,32 @@ def assign_alias(client: MlflowClient, name: str, version: str, score: float,
     return alias, current
 
 
+def registry_lock_name(model_name: str) -> str:
+    """The Prefect global concurrency limit that serialises the alias moves of one registered model."""
+    return "cxr-register-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
+
+
+@contextmanager
+def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the one slot of `registry_lock_name(model_name)` on the Prefect server this process talks to.
+
+    The limit is created with one slot on first use (a limit a person has already set up is used as it is).
+    Flows that share a Prefect server (`PREFECT_API_URL`: the multi-worker stack) then read the champion's score
+    and move the alias one at a time, so a better version cannot lose `champion` to a worse one registered at
+    the same moment. Separate processes on their own temporary servers share no lock. Raises `TimeoutError`
+    after `timeout_s` seconds of waiting.
+    """
+    name = registry_lock_name(model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another flow may create it between the read and the create
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
+
+
 @task(name="register", cache_policy=NONE)
 def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluation: Evaluation,
              run_id: str) -> Registration:
@@ -116,7 +150,8 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
         for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
                            "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
-        alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
+        with registry_lock(cfg.model_name):  # the read of the champion and the alias move, as one step
+            alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
         mlflow.set_tags({"registered_version": version, "registered_alias": alias})
     print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
           f"champion had {previous})")

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.register import CHALLENGER, CHAMPION, assign_alias, champion_score, should_promote
+import tasks.register as register_module
+from tasks.register import (
+    CHALLENGER,
+    CHAMPION,
+    assign_alias,
+    champion_score,
+    registry_lock,
+    registry_lock_name,
+    should_promote,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,3 +60,67 @@ def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
     assert client.get_model_version_by_alias(name, CHAMPION).version == v3
     assert client.get_model_version(name, v4).tags["val_score_basis"] == "roc_auc on validation (views scale)"
     assert mlflow.get_tracking_uri()  # the global URI was never touched by this test
+
+
+def test_registry_lock_name_is_a_valid_limit_name() -> None:
+    assert registry_lock_name("cxr-pneumonia") == "cxr-register-cxr-pneumonia"
+    assert registry_lock_name("team/a&b<c>%") == "cxr-register-team-a-b-c--"
+
+
+@pytest.mark.slow
+def test_registry_lock_serialises_racing_registrations(tmp_path: Path, monkeypatch) -> None:
+    """Two flows register one model at once, the better first: its champion must survive the worse one.
+
+    Each registry read of the champion is slowed so that the second flow reads while the first has read and not
+    yet moved the alias. Without the lock that race hands `champion` to the worse version (checked here too, so
+    the test shows the hazard it guards against); with it, on a real temporary Prefect server, it does not.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    read_champion = register_module._champion
+
+    def slow_read(c, name):
+        found = read_champion(c, name)
+        time.sleep(1.5)
+        return found
+
+    monkeypatch.setattr(register_module, "_champion", slow_read)
+
+    def race(name: str, locked: bool) -> tuple[str, str]:
+        client.create_registered_model(name)
+        versions = []
+        for _ in range(2):
+            run = client.create_run(exp)
+            versions.append(client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
+                                                        run_id=run.info.run_id).version)
+        errors: list[BaseException] = []
+
+        def flow(version: str, score: float, delay: float) -> None:
+            try:
+                time.sleep(delay)
+                with registry_lock(name, timeout_s=60) if locked else nullcontext():
+                    assign_alias(client, name, version, score)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+                errors.append(e)
+
+        threads = [threading.Thread(target=flow, args=(versions[0], 0.90, 0.0)),
+                   threading.Thread(target=flow, args=(versions[1], 0.80, 0.5))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        if errors:
+            raise errors[0]
+        return versions[0], client.get_model_version_by_alias(name, CHAMPION).version
+
+    better, champion = race("cxr-unlocked", locked=False)
+    assert champion != better  # the hazard: both read "no champion", and the later, worse one wins
+    with prefect_test_harness():
+        better, champion = race("cxr-locked", locked=True)
+        assert champion == better
+        assert client.get_model_version_by_alias("cxr-locked", CHALLENGER).version != better
+        with get_client(sync_client=True) as prefect:
+            assert prefect.read_global_concurrency_limit_by_name(registry_lock_name("cxr-locked")).limit == 1
