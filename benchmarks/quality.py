@@ -46,6 +46,24 @@ def timed_run(cmd: list[str], cwd: Path, env: dict | None = None, quiet: bool = 
     return (time.perf_counter() - started) / 60, usage.ru_maxrss / 2**20
 
 
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> None:
+    """Create `name` with its artifacts beside a local SQLite store (`<store folder>/mlruns`) if it does not exist.
+
+    MLflow fixes an experiment's artifact root when the experiment is created, and a flow that creates it puts
+    it under its working folder; for a benchmark run from a scratch clone, the artifacts would vanish with the
+    clone. A tracking server decides for itself, so only `sqlite:` stores are touched.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow import MlflowClient
+
+    store = (HERE.parent / uri.removeprefix("sqlite:///")).resolve()  # the flows run in the repository root
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=(store.parent / "mlruns").as_uri())
+
+
 def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -78,6 +96,7 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     out = HERE / "results" / (args.out or f"quality-{args.profile}.json")
     out.parent.mkdir(exist_ok=True)
+    ensure_experiment(f"cxr-quality-{args.profile}")
     runs: list[dict] = []
     for seed in seeds:  # the file is rewritten after every seed, so a stopped benchmark keeps what it measured
         runs.append(run_once(args.profile, seed, args.data_dir, args.extra))
