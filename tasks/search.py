@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import keras
 import mlflow
@@ -43,6 +48,40 @@ def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFra
     return train.groupby("label", group_keys=False).sample(frac=fraction, random_state=seed)
 
 
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the search state folder `state_dir` (the file `<state_dir>.lock` beside it).
+
+    Two flows with the same data and trial settings share one state folder: without the lock, one starting over
+    (Keras-Tuner's overwrite) would delete the other's trials mid-search, and two resuming would write one oracle
+    at once. The second flow waits, saying so, and then starts over or resumes as it was asked. An OS file lock
+    (`flock`): it holds across processes on one machine whatever the Prefect server, and it is released when the
+    process ends, however it ends.
+    """
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{state_dir}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Another flow (pid {_holder(handle)}) is searching with the same data and settings in {state_dir}; "
+                  "waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(handle) -> str:
+    """The process id the lock's holder wrote, or '?'."""
+    handle.seek(0)
+    return handle.read().strip() or "?"
+
+
 @task(name="search", cache_policy=NONE)
 def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     """Run (or resume) the search; return the hyperparameter values of the `cfg.top_trials` best trials, best first.
@@ -57,16 +96,16 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
 
     # Resuming only makes sense for the same data and the same trial settings: they name the state folder.
     project_name = f"{cfg.tuner}-{data.digest}-{cfg.image_size}px-{cfg.search_state_key()}"
-    if cfg.resume and not (cfg.tuner_dir / project_name).is_dir():
-        print(f"--resume: no search state for these data and settings at {cfg.tuner_dir / project_name} "
-              "(a setting that scores trials differently starts a new search); starting a new one")
-    tuner = make_tuner(
-        cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace(**cfg.search_space_params())), cfg.tuner_dir,
-        project_name=project_name,
-        max_trials=cfg.max_trials, search_epochs=cfg.search_epochs, seed=cfg.seed, resume=cfg.resume, base=MlflowTrials,
-    )
-    tuner.parent_run_id = run_id
-    with in_run(run_id):
+    state_dir = cfg.tuner_dir / project_name
+    with state_lock(state_dir), in_run(run_id):  # one flow at a time per state folder
+        if cfg.resume and not state_dir.is_dir():
+            print(f"--resume: no search state for these data and settings at {state_dir} "
+                  "(a setting that scores trials differently starts a new search); starting a new one")
+        space = SearchSpace(**cfg.search_space_params())
+        tuner = make_tuner(cfg.tuner, ConvNetHyperModel(cfg.image_size, space), cfg.tuner_dir,
+                           project_name=project_name, max_trials=cfg.max_trials, search_epochs=cfg.search_epochs,
+                           seed=cfg.seed, resume=cfg.resume, base=MlflowTrials)
+        tuner.parent_run_id = run_id
         tuner.search(train_ds, validation_data=val_ds, epochs=cfg.search_epochs,  # class weights ride in train_ds
                      callbacks=[*averaged_weights_callbacks(bool(cfg.ema)),  # trials judged as runs are
                                 keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
@@ -74,7 +113,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
         completed = len(completed_trials(tuner.oracle.trials.values()))
         top = best_distinct_trials(tuner.oracle.trials.values(), cfg.top_trials)
         if not top:
-            raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {cfg.tuner_dir}")
+            raise RuntimeError(f"No search trial completed (see the trial tracebacks above); state in {state_dir}")
         best = top[0].hyperparameters.values
         mlflow.log_params({f"best/{k}": v for k, v in best.items()})
         mlflow.log_param("search/top_trial_ids", ",".join(t.trial_id for t in top))  # the networks trained, in order

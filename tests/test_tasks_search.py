@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -38,3 +42,30 @@ def test_search_trials_train_without_mixup_but_with_the_class_weights(monkeypatc
     labels, weights = (np.concatenate([b[i].numpy() for b in batches]) for i in (1, 2))
     assert set(np.unique(labels)) == {0.0, 1.0}  # hard labels: no image was blended
     assert len(np.unique(weights)) == 2 and weights[labels == 0].min() > weights[labels == 1].max()  # class weights
+
+
+def test_state_lock_lets_one_flow_at_a_time_use_a_search_state_folder(tmp_path, capsys) -> None:
+    """The second flow on the same state folder waits for the first (and says so); another folder does not."""
+    state = tmp_path / "tuner" / "random-abc-96px-key"
+    spans: dict[str, tuple[float, float]] = {}
+
+    def flow(name: str, folder, hold: float) -> None:
+        with tasks.search.state_lock(folder):
+            start = time.monotonic()
+            time.sleep(hold)
+            spans[name] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=flow, args=("first", state, 1.0)),
+               threading.Thread(target=flow, args=("same", state, 0.1)),
+               threading.Thread(target=flow, args=("other", state.with_name("random-abc-96px-other"), 0.1))]
+    threads[0].start()
+    time.sleep(0.3)  # the first holds the lock
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert spans["same"][0] >= spans["first"][1]  # waited for the first to finish
+    assert spans["other"][0] < spans["first"][1]  # another folder is not held up
+    out = capsys.readouterr().out
+    assert f"Another flow (pid {os.getpid()}) is searching with the same data and settings in {state}" in out
+    assert out.count("Another flow") == 1
