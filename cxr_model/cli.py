@@ -50,7 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-trials", type=int,
                    help="train the networks of this many best search trials (each --members times) and average "
                         "them all (1: the best only)")
-    p.add_argument("--head", choices=["gap", "flatten"], help="classifier head: global average pooling or flatten")
+    p.add_argument("--head", choices=["gap", "flatten", "gapmax"],
+                   help="classifier head: global average pooling, flatten, or average and max pooling side by side")
     p.add_argument("--block", choices=get_args(TrainConfig.model_fields["block"].annotation),
                    help="conv block: a chain of convs, the chain plus a shortcut from its input (ResNet), or a chain "
                         "of depthwise-separable convs (a 3x3 filter per channel, then a 1x1 mix)")

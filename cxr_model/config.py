@@ -21,7 +21,7 @@ DATASET_HELP = (
 
 
 # The network's fixed design choices (cxr_model.model.ConvNetConfig documents each); one definition for both.
-Head = Literal["gap", "flatten"]
+Head = Literal["gap", "flatten", "gapmax"]
 Block = Literal["plain", "residual", "separable"]
 Antialias = Literal["none", "stem", "pools", "all"]
 Intensity = Literal["standardize", "equalize", "rescale"]

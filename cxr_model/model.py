@@ -30,7 +30,9 @@ class ConvNetConfig:
     # and subsamples (the stem stays a strided conv); all: both
     antialias: Antialias = "none"
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
-    head: Head = "gap"  # gap: global average pooling; flatten: keeps where a feature sits
+    # gap: global average pooling (how much of each feature); flatten: keeps where a feature sits; gapmax: average
+    # and max pooling side by side (also how strongly it shows at its strongest place, e.g. one consolidation)
+    head: Head = "gap"
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
     # equalization), the same for every monotone exposure curve; rescale: 0..255 -> -1..1 for every image alike
     intensity: Intensity = "standardize"
@@ -182,8 +184,13 @@ def build_convnet(cfg: ConvNetConfig, name: str = "cxr_convnet", compile: bool =
             else:
                 x = layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)  # halves H and W
     # flatten: the dense layer sees where in the frame each feature is (B, H*W*C); gap: only how much (B, C)
-    pool = layers.Flatten(name="flatten") if cfg.head == "flatten" else layers.GlobalAveragePooling2D(name="gap")
-    x = pool(x)
+    if cfg.head == "flatten":
+        x = layers.Flatten(name="flatten")(x)
+    elif cfg.head == "gapmax":
+        x = layers.Concatenate(name="gap_gmp")([layers.GlobalAveragePooling2D(name="gap")(x),
+                                                 layers.GlobalMaxPooling2D(name="gmp")(x)])  # (B, 2C)
+    else:
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
     if cfg.dense_units:
         x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
@@ -414,7 +421,7 @@ def count_flops(cfg: ConvNetConfig) -> int:
             half = -(-side // 2)  # the filter's output side: ceil(side / 2)
             flops += 2 * half * half * 9 * channels
         side = side // 2 if side >= 2 else side
-    features = channels * (side * side if cfg.head == "flatten" else 1)
+    features = channels * {"flatten": side * side, "gapmax": 2}.get(cfg.head, 1)
     if cfg.dense_units:
         flops += 2 * features * cfg.dense_units + 2 * cfg.dense_units
     else:

@@ -466,3 +466,24 @@ def test_separable_blocks_filter_each_channel_then_mix_and_count_their_flops(tmp
     from cxr_model.gradcam import gradcam
 
     assert gradcam(model, x.astype("uint8")).shape == (2, 32, 32)
+
+
+def test_gapmax_head_pools_by_mean_and_max_side_by_side(tmp_path) -> None:
+    from cxr_model.gradcam import gradcam
+
+    base = dict(image_size=32, blocks=2, filters=4, dense_units=8, dropout=0.0)
+    model = build_convnet(ConvNetConfig(**base, head="gapmax"))
+    features = model.get_layer("block2_pool").output.shape[-1]
+    assert model.get_layer("gap_gmp").output.shape == (None, 2 * features)
+    # the head's dense layer sees twice the features of the average-pooling head: 2 * C * dense more FLOPs
+    plain = count_flops(ConvNetConfig(**base))
+    assert count_flops(ConvNetConfig(**base, head="gapmax")) - plain == 2 * features * 8
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype("uint8")
+    gap_out = keras.Model(model.inputs, model.get_layer("gap_gmp").output)(x.astype("float32")).numpy()
+    last = keras.Model(model.inputs, model.get_layer("block2_pool").output)(x.astype("float32")).numpy()
+    np.testing.assert_allclose(gap_out[:, :features], last.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gap_out[:, features:], last.max(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(predict_proba(model, x), predict_proba(loaded, x), rtol=1e-5, atol=1e-6)
+    assert gradcam(loaded, x).shape == (3, 32, 32)
