@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import mlflow
@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from pydantic import BaseModel
 
 import cxr_model
@@ -103,6 +103,25 @@ def registry_lock_name(model_name: str) -> str:
     return "cxr-register-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
 
 
+def _ensure_lock(name: str) -> bool:
+    """Create the one-slot limit `name` if it does not exist; False if this Prefect server refuses (a role
+    without that right, say): the registration then goes on without the lock rather than fail after training."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another flow created it between the read and the create
+            except PrefectHTTPStatusError as e:
+                print(f"The Prefect server refused to create the concurrency limit {name!r} (HTTP "
+                      f"{e.response.status_code}); registering without it. Create it once with `prefect gcl create "
+                      f"{name} --limit 1` so that racing registrations cannot swap the champion")
+                return False
+    return True
+
+
 @contextmanager
 def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the one slot of `registry_lock_name(model_name)` on the Prefect server this process talks to.
@@ -114,13 +133,13 @@ def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterato
     after `timeout_s` seconds of waiting.
     """
     name = registry_lock_name(model_name)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with suppress(ObjectAlreadyExists):  # another flow may create it between the read and the create
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with ExitStack() as held:
+        if _ensure_lock(name):
+            try:
+                held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
+            except TimeoutError as e:
+                raise TimeoutError(f"waited {timeout_s:.0f} s for the Prefect concurrency limit {name!r}, which "
+                                   "another registration of this model holds") from e
         yield
 
 
@@ -150,8 +169,12 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
         for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
                            "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
-        with registry_lock(cfg.model_name):  # the read of the champion and the alias move, as one step
-            alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
+        try:
+            with registry_lock(cfg.model_name):  # the read of the champion and the alias move, as one step
+                alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
+        except TimeoutError as e:
+            raise TimeoutError(f"{cfg.model_name} v{version} is registered (run {run_id}) but has no alias: {e}. "
+                               "Give it one by hand (MlflowClient().set_registered_model_alias)") from e
         mlflow.set_tags({"registered_version": version, "registered_alias": alias})
     print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
           f"champion had {previous})")

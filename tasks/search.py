@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX; without it (Windows) the search state is not locked
+except ImportError:  # pragma: no cover - not reached on the POSIX machines this runs on
+    fcntl = None
 
 import keras
 import mlflow
@@ -59,6 +63,10 @@ def state_lock(state_dir: Path) -> Iterator[None]:
     process ends, however it ends.
     """
     state_dir.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        print(f"No file locks on this platform: the search state {state_dir} is not locked against other flows")
+        yield
+        return
     with open(f"{state_dir}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

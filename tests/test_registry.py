@@ -124,3 +124,37 @@ def test_registry_lock_serialises_racing_registrations(tmp_path: Path, monkeypat
         assert client.get_model_version_by_alias("cxr-locked", CHALLENGER).version != better
         with get_client(sync_client=True) as prefect:
             assert prefect.read_global_concurrency_limit_by_name(registry_lock_name("cxr-locked")).limit == 1
+
+
+def test_registry_lock_goes_on_without_a_limit_the_server_refuses(monkeypatch, capsys) -> None:
+    """A Prefect server that will not create the limit (e.g. a role without that right) costs the lock, not the
+    registration: the body runs, unlocked, and the log says how to create the limit by hand."""
+    import httpx
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/")
+    refused = PrefectHTTPStatusError("forbidden", request=request, response=httpx.Response(403, request=request))
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_global_concurrency_limit_by_name(self, name):
+            raise ObjectNotFound(http_exc=Exception(name))
+
+        def create_global_concurrency_limit(self, limit):
+            raise refused
+
+    def no_concurrency(*args, **kwargs):
+        raise AssertionError("no slot is taken from a limit that does not exist")
+
+    monkeypatch.setattr(register_module, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(register_module, "concurrency", no_concurrency)
+    ran = []
+    with registry_lock("cxr-pneumonia"):
+        ran.append(True)
+    assert ran == [True]
+    assert "refused to create the concurrency limit 'cxr-register-cxr-pneumonia' (HTTP 403)" in capsys.readouterr().out

@@ -69,3 +69,11 @@ def test_state_lock_lets_one_flow_at_a_time_use_a_search_state_folder(tmp_path, 
     out = capsys.readouterr().out
     assert f"Another flow (pid {os.getpid()}) is searching with the same data and settings in {state}" in out
     assert out.count("Another flow") == 1
+
+
+def test_state_lock_without_file_locks_says_so_and_goes_on(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(tasks.search, "fcntl", None)
+    ran = []
+    with tasks.search.state_lock(tmp_path / "tuner" / "x"):
+        ran.append(True)
+    assert ran == [True] and "is not locked against other flows" in capsys.readouterr().out
