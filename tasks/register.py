@@ -98,6 +98,27 @@ def assign_alias(client: MlflowClient, name: str, version: str, score: float,
     return alias, current
 
 
+CARD_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+
+
+def model_card(cfg: TrainConfig, evaluation: Evaluation, data_digest: str, run_id: str) -> str:
+    """The registered version's description (Markdown, shown in the MLflow UI's model pages): what the model
+    takes and answers, what it was trained on, its validation and test numbers, and what it is not for."""
+    rows = "\n".join(f"| {m} | {evaluation.val.get(m, float('nan')):.4f} | {evaluation.test[m]:.4f} |"
+                     for m in CARD_METRICS)
+    return (
+        f"Pneumonia against normal on pediatric chest X-rays: a convnet trained from scratch by cxr-pneumonia "
+        f"(profile `{cfg.profile}`, seed {cfg.seed}, run `{run_id}`).\n\n"
+        f"**Input**: one chest X-ray of any size and mode, made grayscale and resized to {cfg.image_size} px by "
+        f"the served model. **Output**: the probability of pneumonia and the label at threshold "
+        f"{evaluation.threshold:.4f} (rule `{cfg.threshold_rule}`, chosen on validation).\n\n"
+        f"**Data**: Kermany et al., Cell 2018, \"Chest X-Ray Images (Pneumonia)\" (CC BY 4.0), data digest "
+        f"`{data_digest[:12]}`; validation is a patient-grouped share of the training split.\n\n"
+        f"| metric | validation | test (read once, after every choice) |\n|---|---:|---:|\n{rows}\n\n"
+        "Research use only: not a medical device, and not validated on other hospitals, scanners or adults."
+    )
+
+
 def registry_lock_name(model_name: str) -> str:
     """The Prefect global concurrency limit that serialises the alias moves of one registered model."""
     return "cxr-register-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
@@ -166,6 +187,8 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
         )
         version = str(info.registered_model_version)
         client = MlflowClient()
+        client.update_model_version(cfg.model_name, version,
+                                    description=model_card(cfg, evaluation, data.digest, run_id))
         for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
                            "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)

@@ -98,6 +98,12 @@ def test_first_version_is_champion_and_prefect_has_artifacts(smoke_flow: FlowRun
     assert str(champion.version) == result["registered"]["version"] == "1"
     assert champion.run_id == result["run_id"]
     assert float(champion.tags["val_score"]) == pytest.approx(result["registered"]["score"], abs=1e-6)
+    # the model card: the run's own threshold and test numbers, as the UI's model page shows them
+    assert f"threshold {result['threshold']:.4f}" in champion.description
+    rows = {line.split("|")[1].strip(): line for line in champion.description.splitlines() if line.startswith("| ")}
+    assert rows["accuracy"].endswith(f"| {result['test']['accuracy']:.4f} |")
+    assert rows["roc_auc"].endswith(f"| {result['test']['roc_auc']:.4f} |")
+    assert result["run_id"] in champion.description and "Kermany" in champion.description
     mlflow.set_tracking_uri(smoke_flow.tracking_uri)
     try:
         info = mlflow.models.get_model_info("models:/cxr-pneumonia@champion")
