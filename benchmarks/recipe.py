@@ -206,6 +206,10 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
                                                  image_size=96, class_weights=False)),
     "geometry@96-class-weights+geo1.5": ({}, dict(**{**GEOMETRY, "zoom": 0.5, "translation": 0.15, "aspect": 0.45},
                                                  rotation=0.06, image_size=96, class_weights=False)),
+    # session 15, fourth rule: every range 0.75x, the other side of the current strength after 1.5x lost
+    "geometry@96-class-weights+aug0.75": ({}, dict(rotation=0.03, zoom=0.2625, translation=0.075, aspect=0.225,
+                                                  gamma=0.3, contrast=0.225, brightness=0.15, noise=0.03,
+                                                  resolution=0.0, image_size=96, class_weights=False)),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
