@@ -53,10 +53,13 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> None:
     it under its working folder; for a benchmark run from a scratch clone, the artifacts would vanish with the
     clone. A tracking server decides for itself, so only `sqlite:` stores are touched.
     """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    from mlflow import MlflowClient
+
+    from cxr_model.cli import DEFAULT_TRACKING_URI  # what `cxr train` falls back to
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     if not uri.startswith("sqlite:///"):
         return
-    from mlflow import MlflowClient
 
     store = (HERE.parent / uri.removeprefix("sqlite:///")).resolve()  # the flows run in the repository root
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")

@@ -16,6 +16,13 @@ from pydantic import ValidationError
 
 from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, TTA_VIEWS, DataConfigError, TrainConfig
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the documented run store, whatever MLflow's own default is
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values a `Literal` field of TrainConfig allows, so a flag offers what the config accepts."""
+    return get_args(TrainConfig.model_fields[field].annotation)
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run the training flow (load, visualize, tune, train, evaluate, register)")
@@ -50,15 +57,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-trials", type=int,
                    help="train the networks of this many best search trials (each --members times) and average "
                         "them all (1: the best only)")
-    p.add_argument("--head", choices=["gap", "flatten", "gapmax"],
+    p.add_argument("--head", choices=_choices("head"),
                    help="classifier head: global average pooling, flatten, or average and max pooling side by side")
-    p.add_argument("--block", choices=get_args(TrainConfig.model_fields["block"].annotation),
+    p.add_argument("--block", choices=_choices("block"),
                    help="conv block: a chain of convs, the chain plus a shortcut from its input (ResNet), or a chain "
                         "of depthwise-separable convs (a 3x3 filter per channel, then a 1x1 mix)")
-    p.add_argument("--antialias", choices=["none", "stem", "pools", "all"],
+    p.add_argument("--antialias", choices=_choices("antialias"),
                    help="low-pass filter before downsampling (BlurPool): in a full-resolution stem, in every "
                         "max-pool, or both")
-    p.add_argument("--intensity", choices=["standardize", "equalize", "rescale"],
+    p.add_argument("--intensity", choices=_choices("intensity"),
                    help="intensity normalisation: per image to zero mean and unit variance, per image by histogram "
                         "equalization, or 0..255 to -1..1 for every image alike")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
@@ -79,7 +86,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=list(TTA_VIEWS), help="test-time views averaged in evaluation and serving")
     p.add_argument("--experiment-name")
     p.add_argument("--model-name", help="registered model name (default cxr-pneumonia)")
-    p.add_argument("--champion-metric", choices=get_args(TrainConfig.model_fields["champion_metric"].annotation),
+    p.add_argument("--champion-metric", choices=_choices("champion_metric"),
                    help="validation metric a new version must beat to take the `champion` alias (default roc_auc)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
     p.add_argument("--result-json", type=Path, help="also write the run summary (run id, test metrics, version) here")
@@ -161,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # Its telemetry heartbeat races the flow for the temporary server's SQLite file ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # the documented run store, whatever MLflow's own default is in the installed version
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
