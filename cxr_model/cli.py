@@ -76,6 +76,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay of the kernels (0 = Adam)")
     p.add_argument("--ema", type=float, help="judge, keep and save a moving average of the weights with this "
                    "momentum per step, e.g. 0.99 (0 = off)")
+    p.add_argument("--optimizer", choices=_choices("optimizer"),
+                   help="adam, or SGD with Nesterov momentum 0.9 (give it ~10x Adam's --search-learning-rate)")
+    p.add_argument("--schedule", choices=_choices("schedule"),
+                   help="final training's learning rate: cut when validation AUC stalls, or a cosine down to 0 "
+                        "over --epochs")
     p.add_argument("--mixup", type=float,
                    help="final training: blend image pairs by a Beta(a, a) weight, labels alike (0 = off)")
     p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,

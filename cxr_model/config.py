@@ -25,6 +25,10 @@ Head = Literal["gap", "flatten", "gapmax"]
 Block = Literal["plain", "residual", "separable"]
 Antialias = Literal["none", "stem", "pools", "all"]
 Intensity = Literal["standardize", "equalize", "rescale"]
+Optimizer = Literal["adam", "sgd"]
+# how the learning rate moves in the final training: plateau = cut by 0.3 when validation AUC stalls; cosine =
+# from the learning rate down to 0 along half a cosine over the epochs (cxr_model.train.CosineEpochs)
+Schedule = Literal["plateau", "cosine"]
 
 # Rules that pick the decision threshold on validation (see cxr_model.evaluate.choose_threshold). The stressed_
 # ones fit the pooled scores of validation and its stressed copies (cxr_model.stress), the others clean validation.
@@ -116,6 +120,10 @@ class TrainConfig(BaseModel):
     # judge, keep and save an exponential moving average of the weights (Polyak averaging), new = ema * old +
     # (1 - ema) * current after every step; 0 = off (cxr_model.model.ConvNetConfig.ema)
     ema: float = Field(0.0, ge=0.0, lt=1.0)
+    # adam, or SGD with Nesterov momentum 0.9, whose learning rates run about 10x Adam's: set
+    # search_learning_rate with it (cxr_model.model.ConvNetConfig.optimizer)
+    optimizer: Optimizer = "adam"
+    schedule: Schedule = "plateau"  # learning rate of the final training (search trials keep theirs constant)
     # blend each training image with another of its batch, labels alike, by a Beta(mixup, mixup) weight; 0 = off
     # (final training only: search trials train without it)
     mixup: float = Field(0.0, ge=0.0, le=2.0)
@@ -165,7 +173,7 @@ class TrainConfig(BaseModel):
                     learning_rate=self.search_learning_rate,
                     fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
                                label_smoothing=self.label_smoothing, weight_decay=self.weight_decay,
-                               ema=self.ema))
+                               ema=self.ema, optimizer=self.optimizer))
 
     def search_state_key(self) -> str:
         """A short digest of every setting a search trial's score depends on (its state folder is named by it).

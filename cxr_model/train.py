@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr_model.config import TrainConfig
+from cxr_model.config import Schedule, TrainConfig
 from cxr_model.data import class_weights
 from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, mean_ensemble, warp_view
 
@@ -115,16 +116,46 @@ def averaged_weights_callbacks(averaged: bool) -> list[keras.callbacks.Callback]
     return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averaged else []
 
 
-def training_callbacks(patience: int) -> list[keras.callbacks.Callback]:
-    """Early stopping and learning-rate reduction, both watching validation AUC only."""
-    return [
-        keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=patience, restore_best_weights=True, verbose=0
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_auc", mode="max", factor=0.3, patience=max(1, patience // 2), min_lr=1e-5, verbose=0
-        ),
-    ]
+class CosineEpochs(keras.callbacks.Callback):
+    """Sets the learning rate of epoch e (0-based) of `epochs` to lr0 * (1 + cos(pi * e / epochs)) / 2.
+
+    lr0 is the optimizer's learning rate when training begins: the first epoch runs at it and the last at
+    lr0 * (1 + cos(pi * (epochs - 1) / epochs)) / 2, near 0 (SGDR's annealing, Loshchilov & Hutter 2017, without
+    restarts). A run that stops early, or that a time budget ends, ends higher up the curve.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        if epochs < 1:
+            raise ValueError(f"CosineEpochs needs at least one epoch, got {epochs}")
+        self.epochs = epochs
+
+    def rate(self, epoch: int) -> float:
+        return self.initial * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs)) / 2
+
+    def on_train_begin(self, logs=None):
+        self.initial = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate = self.rate(epoch)
+
+
+def training_callbacks(patience: int, schedule: Schedule = "plateau",
+                       epochs: int | None = None) -> list[keras.callbacks.Callback]:
+    """Early stopping on validation AUC, and the learning rate's `schedule`: cut by 0.3 when validation AUC
+    stalls (plateau), or a cosine from the initial rate to 0 over `epochs` (cosine)."""
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="val_auc", mode="max", patience=patience, restore_best_weights=True, verbose=0
+    )
+    if schedule == "cosine":
+        if epochs is None:
+            raise ValueError("the cosine schedule needs the number of epochs")
+        return [stopping, CosineEpochs(epochs)]
+    if schedule != "plateau":
+        raise ValueError(f"Unknown learning-rate schedule {schedule!r}: plateau or cosine")
+    return [stopping, keras.callbacks.ReduceLROnPlateau(
+        monitor="val_auc", mode="max", factor=0.3, patience=max(1, patience // 2), min_lr=1e-5, verbose=0
+    )]
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -217,8 +248,9 @@ def fit_recipe(model: keras.Model, cfg: TrainConfig, x_train: np.ndarray, y_trai
     budget = [TimeBudget(cfg.train_minutes * 60)] if cfg.train_minutes else []
     snapshots = BestSnapshots(cfg.snapshots)
     averaged = averaged_weights_callbacks(getattr(model.optimizer, "use_ema", False))
+    schedule = training_callbacks(cfg.patience, cfg.schedule, cfg.epochs)
     history = model.fit(train, validation_data=val, epochs=cfg.epochs, verbose=verbose,
-                        callbacks=[*averaged, *training_callbacks(cfg.patience), *budget, snapshots, *callbacks])
+                        callbacks=[*averaged, *schedule, *budget, snapshots, *callbacks])
     history.stopped_by_budget = bool(budget and budget[0].stopped_early)
     history.snapshots = snapshots
     return history
