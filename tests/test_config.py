@@ -119,12 +119,14 @@ def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
     key = base.search_state_key()
     assert key == load_config("smoke").search_state_key()  # stable across processes: a digest, not hash()
     # a finished search can be extended, and what follows the search does not matter to it
-    for same in (dict(max_trials=5), dict(epochs=7), dict(threshold_rule="youden"), dict(experiment_name="x")):
+    for same in (dict(max_trials=5), dict(epochs=7), dict(threshold_rule="youden"), dict(experiment_name="x"),
+                 dict(schedule="cosine")):
         assert load_config("smoke", **same).search_state_key() == key, same
     # but every setting that changes how a trial trains or what it is scored on starts a new search
     for other in (dict(class_weights=True), dict(zoom=0.1), dict(seed=7), dict(val_fraction=0.2),
                   dict(search_fraction=0.5), dict(search_epochs=3), dict(image_size=96), dict(weight_decay=0.05),
-                  dict(ema=0.99), dict(search_filters=(16,)), dict(balanced_sampling=True), dict(batch_size=8)):
+                  dict(ema=0.99), dict(optimizer="sgd"), dict(search_filters=(16,)), dict(balanced_sampling=True),
+                  dict(batch_size=8)):
         assert load_config("smoke", **other).search_state_key() != key, other
 
 

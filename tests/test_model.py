@@ -8,6 +8,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cxr_model.model import (
     BlurPool2D,
@@ -191,6 +192,35 @@ def test_weight_decay_shrinks_kernels_only() -> None:
         expected = lr * wd * start[v.path] if v.name == "kernel" else np.zeros_like(start[v.path])
         np.testing.assert_allclose(v.numpy() - after[v.path], expected, atol=1e-6, err_msg=v.path)
     assert sum(v.name == "kernel" for v in plain.trainable_variables) >= 4
+
+
+def test_sgd_takes_nesterov_momentum_steps_and_decays_kernels_only() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    y = (np.arange(8) % 2).astype("float32")
+    lr, wd = 0.01, 0.5
+    base = dict(image_size=32, blocks=2, filters=4, dense_units=4, dropout=0.0, learning_rate=lr, optimizer="sgd")
+    plain, decayed = build_convnet(ConvNetConfig(**base)), build_convnet(ConvNetConfig(**base, weight_decay=wd))
+    for model in (plain, decayed):
+        assert isinstance(model.optimizer, keras.optimizers.SGD)
+        assert model.optimizer.nesterov and model.optimizer.momentum == 0.9
+    decayed.set_weights(plain.get_weights())
+    start = {v.path: v.numpy() for v in plain.trainable_variables}
+    with tf.GradientTape() as tape:  # the batch's gradient, as the one step of `fit` below computes it
+        loss = keras.losses.BinaryCrossentropy()(y[:, None], plain(x, training=True))
+    gradient = dict(zip([v.path for v in plain.trainable_variables],
+                        tape.gradient(loss, plain.trainable_variables), strict=True))
+    plain.set_weights(decayed.get_weights())  # undo the forward pass's batch-norm statistics update
+    for model in (plain, decayed):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    after = {v.path: v.numpy() for v in decayed.trainable_variables}
+    for v in plain.trainable_variables:
+        # Nesterov's first step from zero velocity: v = -lr g, w += 0.9 v - lr g = -1.9 lr g
+        np.testing.assert_allclose(v.numpy() - start[v.path], -1.9 * lr * gradient[v.path].numpy(), atol=2e-6,
+                                   err_msg=v.path)
+        # decay subtracts lr * wd * w from each kernel besides that step; biases and BN parameters get none
+        expected = lr * wd * start[v.path] if v.name == "kernel" else np.zeros_like(start[v.path])
+        np.testing.assert_allclose(v.numpy() - after[v.path], expected, atol=1e-6, err_msg=v.path)
 
 
 def test_deep_net_on_small_input_stops_pooling() -> None:

@@ -12,6 +12,7 @@ from cxr_model.config import load_config
 from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, mean_ensemble
 from cxr_model.train import (
     BestSnapshots,
+    CosineEpochs,
     TimeBudget,
     compile_forward,
     fit_networks,
@@ -19,6 +20,7 @@ from cxr_model.train import (
     loss_class_weights,
     make_dataset,
     recipe_datasets,
+    training_callbacks,
 )
 
 
@@ -145,6 +147,32 @@ def test_fit_recipe_returns_the_best_epochs() -> None:
     aucs = history.history["val_auc"]
     assert len(history.snapshots.epochs) == 2
     assert [aucs[e - 1] for e in history.snapshots.epochs] == sorted(aucs, reverse=True)[:2]
+
+
+def test_cosine_schedule_anneals_the_rate_over_the_epochs() -> None:
+    x, y = _tiny_data()
+    cfg = load_config("smoke", image_size=32, epochs=4, patience=4, batch_size=8, train_minutes=0, augment=False,
+                      schedule="cosine")
+    model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0, learning_rate=0.01))
+    rates = []
+
+    class Rate(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+    fit_recipe(model, cfg, x, y, x[:8], y[:8], callbacks=[Rate()])
+    # epoch e of 4 at 0.01 (1 + cos(pi e / 4)) / 2, whatever validation AUC did
+    np.testing.assert_allclose(rates, [0.01, 0.0085355, 0.005, 0.0014645], rtol=1e-4)
+    kinds = [type(c) for c in training_callbacks(4)]
+    assert keras.callbacks.ReduceLROnPlateau in kinds and CosineEpochs not in kinds  # the default: plateau
+    kinds = [type(c) for c in training_callbacks(4, "cosine", 12)]
+    assert CosineEpochs in kinds and keras.callbacks.ReduceLROnPlateau not in kinds
+    with pytest.raises(ValueError, match="number of epochs"):
+        training_callbacks(4, "cosine")
+    with pytest.raises(ValueError, match="plateau or cosine"):
+        training_callbacks(4, "step")
+    with pytest.raises(ValueError, match="at least one epoch"):
+        CosineEpochs(0)
 
 
 def test_fit_recipe_judges_and_keeps_the_averaged_weights() -> None:
