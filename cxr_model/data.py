@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cxr_model.config import DataConfigError
-from cxr_model.preprocess import ImageDecodeError, check_convertible, open_image
+from cxr_model.preprocess import ImageDecodeError, check_convertible, exif_orientation, open_image
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 REQUIRED_SPLITS = ("train", "test")
@@ -69,6 +69,7 @@ def _describe(path: Path) -> dict:
     data = path.read_bytes()
     img = open_image(data)
     check_convertible(img)  # so an image the cache could not decode is skipped here, not a crash there
+    exif_orientation(img)  # likewise an EXIF block that cannot be read
     return dict(width=img.size[0], height=img.size[1], mode=img.mode, sha256=hashlib.sha256(data).hexdigest())
 
 

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Decompression-bomb guard: about 8.4k x 8.4k. Scanner exports are ~3k x 3k, so this is generous.
 MAX_PIXELS = 70_000_000
@@ -95,10 +95,38 @@ def check_convertible(img: Image.Image) -> None:
     _grayscale(img.crop((0, 0, 1, 1)))
 
 
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the stored pixels upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1 = stored upright); ImageDecodeError if its EXIF block cannot be read.
+
+    A value outside 1-8 counts as 1, as in Pillow's `exif_transpose`.
+    """
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception as exc:  # Pillow raises many kinds (struct.error, TypeError, ...) on a malformed block
+        raise ImageDecodeError(f"unreadable EXIF block ({type(exc).__name__}: {exc})") from exc
+    return orientation if orientation in _UPRIGHT else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says.
+
+    Not `ImageOps.exif_transpose`: that also rewrites the EXIF block of the copy, which raises (TypeError,
+    AttributeError, struct.error) on some malformed tags of files whose pixels and orientation read fine.
+    """
+    orientation = exif_orientation(img)
+    return img if orientation == 1 else img.transpose(_UPRIGHT[orientation])
+
+
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
-    img = open_image(data, max_pixels=max_pixels)
-    img = ImageOps.exif_transpose(img) or img
+    img = upright(open_image(data, max_pixels=max_pixels))
     gray = _grayscale(img)
     if gray.size != (size, size):
         # Squash to a square as the resized dataset does; BILINEAR with PIL's support scaling antialiases.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def _tiff(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_junk_files_are_reported_not_touched(synthetic_dataset: Path) -> None:
     folder = synthetic_dataset / "train" / "PNEUMONIA"
     good = next(folder.glob("*.jpeg")).read_bytes()
@@ -96,6 +103,22 @@ def test_junk_files_are_reported_not_touched(synthetic_dataset: Path) -> None:
     assert "unsupported image mode LAB" in skipped["person93_bacteria_1.jpeg"]  # skipped here, not a cache crash
     assert not any(Path(p).name in junk for p in result.manifest["path"])
     assert {name: (folder / name).read_bytes() for name in junk} == before  # raw data untouched
+
+
+def test_an_unreadable_exif_block_is_skipped_at_indexing(synthetic_dataset: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listed with its reason when the data is indexed, so the cache's decode cannot fail on it later."""
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise TypeError("bad operand type for abs(): 'str'")
+
+    odd = synthetic_dataset / "train" / "NORMAL" / "IM-0999-0001.jpeg"
+    odd.write_bytes(_png(Image.new("L", (16, 16), 90)))  # a PNG named .jpeg: the one file whose EXIF reader breaks
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "getexif", broken)
+    result = index_dataset(synthetic_dataset)
+    assert list(result.skipped["path"]) == [str(odd)]
+    assert "unreadable EXIF block (TypeError" in result.skipped["reason"][0]
 
 
 @pytest.mark.parametrize("missing", ["train", "test", "train/NORMAL", "test/PNEUMONIA"])

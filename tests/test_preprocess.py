@@ -140,7 +140,10 @@ def test_large_image_is_antialiased_not_subsampled() -> None:
 # (EXIF orientation, what the camera did to the upright pixels before storing them)
 @pytest.mark.parametrize(("orientation", "stored_as"), [(2, Image.Transpose.FLIP_LEFT_RIGHT),
                                                        (3, Image.Transpose.ROTATE_180),
+                                                       (4, Image.Transpose.FLIP_TOP_BOTTOM),
+                                                       (5, Image.Transpose.TRANSPOSE),
                                                        (6, Image.Transpose.ROTATE_90),
+                                                       (7, Image.Transpose.TRANSVERSE),
                                                        (8, Image.Transpose.ROTATE_270)])
 def test_exif_orientation_is_applied(orientation: int, stored_as: Image.Transpose) -> None:
     upright = Image.fromarray(gradient(), "L")
@@ -148,6 +151,32 @@ def test_exif_orientation_is_applied(orientation: int, stored_as: Image.Transpos
     exif[0x0112] = orientation
     out = decode_image(encode(upright.transpose(stored_as), exif=exif), SIZE)[:, :, 0]
     np.testing.assert_array_equal(out, np.asarray(upright))
+
+
+def test_a_malformed_exif_tag_does_not_stop_the_upright_decode() -> None:
+    """A file whose orientation reads fine but one of whose other tags is malformed: the Make tag's number turned
+    into WhitePoint's, which should hold numbers and holds text. Pillow's `exif_transpose` raises on it (it
+    rewrites the EXIF block); the pixels and the orientation are fine, so the image decodes, turned upright."""
+    upright = Image.fromarray(gradient(), "L")
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"  # orientation 6: stored turned 90 degrees
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    data = encode(stored, "JPEG", quality=100, exif=exif.tobytes())  # JPEG: no checksum over the EXIF block
+    assert data.count(b"\x01\x0f\x00\x02") == 1  # big-endian IFD entry: tag 0x010F (Make), type 2 (text)
+    data = data.replace(b"\x01\x0f\x00\x02", b"\x01\x3e\x00\x02")  # tag 0x013E (WhitePoint), still text
+    out = decode_image(data, SIZE)[:, :, 0].astype(int)
+    assert np.abs(out - np.asarray(upright, int)).mean() < 2  # upright, up to JPEG's rounding
+    assert np.abs(out - np.asarray(stored, int)).mean() > 20
+
+
+def test_an_unreadable_exif_block_is_a_decode_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    data = encode(Image.fromarray(gradient(), "L"))
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    with pytest.raises(ImageDecodeError, match="unreadable EXIF block"):
+        decode_image(data, SIZE)
 
 
 @pytest.mark.parametrize(
