@@ -52,11 +52,19 @@ def should_promote(new_score: float, champion_score: float | None) -> bool:
 
 
 def _champion(client: MlflowClient, name: str):
-    """The model version holding the champion alias, or None."""
+    """The model version holding the champion alias, or None when no version holds it (or no model exists).
+
+    Read from the registered model's aliases, so that "no champion" is an answer and not an error: a registry
+    that cannot be read (a locked database, a server that does not answer) raises, where taking the failure for
+    "no champion" would hand the alias to the new version whatever its score.
+    """
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if CHAMPION not in aliases else client.get_model_version(name, str(aliases[CHAMPION]))
 
 
 def _recorded_score(version) -> float | None:
@@ -198,6 +206,11 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
         except TimeoutError as e:
             raise TimeoutError(f"{cfg.model_name} v{version} is registered (run {run_id}) but has no alias: {e}. "
                                "Give it one by hand (MlflowClient().set_registered_model_alias)") from e
+        except MlflowException as e:  # the champion could not be read or the alias not set
+            raise RuntimeError(f"{cfg.model_name} v{version} is registered (run {run_id}) but has no alias: the "
+                               f"registry failed while comparing it with the champion ({e.message}). Compare the "
+                               "versions' val_score tags and give it one by hand "
+                               "(MlflowClient().set_registered_model_alias)") from e
         mlflow.set_tags({"registered_version": version, "registered_alias": alias})
     print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
           f"champion had {previous})")

@@ -11,6 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 import tasks.register as register_module
 from tasks.register import (
@@ -60,6 +62,36 @@ def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
     assert client.get_model_version_by_alias(name, CHAMPION).version == v3
     assert client.get_model_version(name, v4).tags["val_score_basis"] == "roc_auc on validation (views scale)"
     assert mlflow.get_tracking_uri()  # the global URI was never touched by this test
+
+
+def test_a_registry_that_cannot_be_read_hands_out_no_alias(tmp_path: Path) -> None:
+    """A failed read of the champion (a locked database, a server that does not answer) is an error, not "no
+    champion": taken for none, it would make any new version champion whatever its score."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = "cxr-test"
+    assert champion_score(client, "no-such-model") is None  # no model at all is an answer
+    client.create_registered_model(name)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp)
+    v1 = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    assign_alias(client, name, v1, 0.90)
+    run = client.create_run(exp)
+    v2 = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+
+    class Unreachable:
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def get_registered_model(self, model_name):
+            raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+        def get_model_version_by_alias(self, model_name, alias):
+            raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with pytest.raises(MlflowException, match="database is locked"):
+        assign_alias(Unreachable(), name, v2, 0.50)
+    assert client.get_model_version(name, v2).aliases == []
+    assert client.get_model_version_by_alias(name, CHAMPION).version == v1
 
 
 def test_registry_lock_name_is_a_valid_limit_name() -> None:
