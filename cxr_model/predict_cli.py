@@ -93,6 +93,14 @@ def local_predictor(model_uri: str) -> Predictor:
 
     from cxr_model.serving import INPUT_COLUMN, RequestError
 
+    if model_uri.startswith(("models:/", "runs:/")):
+        from cxr_model.cli import TrackingServerError, check_tracking_server
+
+        try:  # a server that does not answer: one clear line now, not MLflow's retries for minutes
+            for uri in {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}:
+                check_tracking_server(uri)
+        except TrackingServerError as exc:
+            raise PredictError(f"cannot load {model_uri}: {exc}") from None
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
@@ -131,9 +139,14 @@ def _score_batches(files: list[Path], predict: Predictor, batch_size: int, rows:
         pending: list[tuple[int, str]] = []  # (index into files, base64 file)
         for i in range(start, min(start + batch_size, len(files))):
             try:
-                pending.append((i, base64.b64encode(files[i].read_bytes()).decode("ascii")))
+                data = files[i].read_bytes()
             except OSError as exc:
                 rows[i] = {"error": f"cannot read file ({exc.strerror or exc})"}
+                continue
+            if not data:
+                rows[i] = {"error": "empty file (0 bytes)"}
+                continue
+            pending.append((i, base64.b64encode(data).decode("ascii")))
         while pending:
             try:
                 answers = predict([image for _, image in pending])
@@ -182,12 +195,26 @@ def write_csv(rows: list[dict], target: str) -> None:
         table.to_csv(target, index=False)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Score the files; 0 if every file got a prediction, 1 if some failed, 2 if nothing could be scored.
+def check_csv_target(target: str | None) -> None:
+    """PredictError unless `--csv` names stdout ('-') or a file that can be created in an existing folder."""
+    if target is None or target == "-":
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise PredictError(f"--csv {target} is a folder; name a file")
+    if not path.parent.is_dir():
+        raise PredictError(f"--csv {target}: folder {path.parent} does not exist")
 
-    When the server or model fails partway, what was scored is still printed and written, the rest marked.
+
+def run(args: argparse.Namespace) -> int:
+    """Score the files; 0 if every file got a prediction, 1 if some failed (or the CSV could not be written), 2
+    if nothing could be scored.
+
+    When the server or model fails partway, what was scored is still printed and written, the rest marked. The
+    table is printed before the CSV is written, so a CSV that cannot be written loses no score.
     """
     try:
+        check_csv_target(args.csv)  # before the scoring, not after it
         files = find_images(args.paths)
         if not files:
             raise PredictError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.paths}")
@@ -201,14 +228,20 @@ def run(args: argparse.Namespace) -> int:
     if all(str(row["error"]).startswith(NOT_SCORED) for row in rows):  # the model or server failed before any score
         print(f"error: {rows[0]['error'].removeprefix(NOT_SCORED)}", file=sys.stderr)
         return 2
-    if args.csv:
-        write_csv(rows, args.csv)
     if args.csv != "-":
         print(format_table(rows))
+    written = True
+    if args.csv:
+        try:
+            write_csv(rows, args.csv)
+        except OSError as exc:
+            print(f"error: cannot write --csv {args.csv} ({exc}); the predictions are in the table above",
+                  file=sys.stderr)
+            written = False
     failed = sum(row["error"] is not None for row in rows)
     if failed:
         print(f"{failed} of {len(rows)} files could not be scored (see the error column)", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or not written else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -507,3 +507,61 @@ def test_cli_predict_exit_status_when_the_server_is_gone(tmp_path: Path, capsys)
     args = build_parser().parse_args(["predict", str(tmp_path), "--url", "http://127.0.0.1:1", "--batch-size", "0"])
     assert args.func(args) == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_predict_checks_the_csv_target_before_scoring_and_prints_before_writing(tmp_path: Path, capsys,
+                                                                                     monkeypatch) -> None:
+    from cxr_model import predict_cli
+    from cxr_model.cli import build_parser
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "empty.png").write_bytes(b"")
+    sent = []
+
+    def fake_server(url, timeout):
+        def predict(images):
+            sent.extend(images)
+            return [{"probability": 0.75, "label": "PNEUMONIA", "threshold": 0.5} for _ in images]
+        return predict
+
+    monkeypatch.setattr(predict_cli, "http_predictor", fake_server)
+    for target, reason in [(tmp_path / "no-such-folder" / "out.csv", "does not exist"), (tmp_path, "is a folder")]:
+        args = build_parser().parse_args(["predict", str(tmp_path), "--url", "http://h", "--csv", str(target)])
+        assert args.func(args) == 2 and reason in capsys.readouterr().err
+    assert sent == []  # refused before anything was scored
+
+    def full_disk(rows, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predict_cli, "write_csv", full_disk)
+    args = build_parser().parse_args(["predict", str(tmp_path / "a.png"), "--url", "http://h", "--csv",
+                                      str(tmp_path / "out.csv")])
+    assert args.func(args) == 1
+    out, err = capsys.readouterr()
+    assert "0.7500" in out and "PNEUMONIA" in out  # the score is printed though the CSV could not be written
+    assert "cannot write --csv" in err and "No space left" in err
+    # an empty file is named as one and never sent
+    monkeypatch.undo()
+    monkeypatch.setattr(predict_cli, "http_predictor", fake_server)
+    sent.clear()
+    args = build_parser().parse_args(["predict", str(tmp_path), "--url", "http://h"])
+    assert args.func(args) == 1
+    out = capsys.readouterr().out
+    assert "empty file (0 bytes)" in out and len(sent) == 1
+
+
+def test_cli_predict_in_process_fails_at_once_when_the_tracking_server_does_not_answer(tmp_path: Path, capsys,
+                                                                                      monkeypatch) -> None:
+    import socket
+
+    from cxr_model.cli import build_parser
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    args = build_parser().parse_args(["predict", str(tmp_path), "--model-uri", "models:/cxr-pneumonia@champion"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot load models:/cxr-pneumonia@champion" in err and "does not answer" in err
