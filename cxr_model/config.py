@@ -151,6 +151,26 @@ class TrainConfig(BaseModel):
                              f"(max_trials={self.max_trials})")
         return self
 
+    @model_validator(mode="after")
+    def _searchable_space(self) -> TrainConfig:
+        """Ranges the tuner can sample, checked here rather than after the data has loaded."""
+        ranges = dict(search_blocks=(self.search_blocks, 1), search_convs_per_block=(self.search_convs_per_block, 1))
+        for name, ((low, high), least) in ranges.items():
+            if not least <= low <= high:
+                raise ValueError(f"{name}=({low}, {high}) needs {least} <= min <= max")
+        low, high = self.search_dropout
+        if not 0 <= low <= high < 1:
+            raise ValueError(f"search_dropout=({low}, {high}) needs 0 <= min <= max < 1")
+        low, high = self.search_learning_rate
+        if not 0 < low <= high:
+            raise ValueError(f"search_learning_rate=({low}, {high}) needs 0 < min <= max (sampled on a log scale)")
+        if not self.search_filters or min(self.search_filters) < 1:
+            raise ValueError(f"search_filters={self.search_filters} needs one or more widths, each >= 1")
+        if not self.search_dense_units or min(self.search_dense_units) < 0:
+            raise ValueError(f"search_dense_units={self.search_dense_units} needs one or more widths, each >= 0 "
+                             "(0 = no hidden dense layer)")
+        return self
+
     @field_validator("data_dir", "work_dir", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def test_bad_values_are_rejected() -> None:
         load_config("smoke", val_fraction=0.9)
     with pytest.raises(ValidationError):
         load_config("smoke", no_such_setting=1)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (dict(search_blocks=(5, 3)), "search_blocks=(5, 3) needs 1 <= min <= max"),
+    (dict(search_blocks=(0, 3)), "search_blocks"),
+    (dict(search_convs_per_block=(2, 1)), "search_convs_per_block"),
+    (dict(search_dropout=(0.5, 0.2)), "search_dropout"),
+    (dict(search_dropout=(0.2, 1.0)), "search_dropout"),
+    (dict(search_learning_rate=(0.0, 0.1)), "log scale"),
+    (dict(search_learning_rate=(1e-2, 1e-3)), "search_learning_rate"),
+    (dict(search_filters=()), "search_filters"),
+    (dict(search_filters=(16, 0)), "search_filters"),
+    (dict(search_dense_units=(-1, 64)), "search_dense_units"),
+])
+def test_a_search_space_the_tuner_cannot_sample_is_rejected_up_front(setting: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        load_config("smoke", **setting)
+    load_config("smoke", search_blocks=(4, 4), search_dropout=(0.0, 0.0), search_dense_units=(0,))  # degenerate, fine
 
 
 def test_missing_data_dir_explains_where_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,6 +197,8 @@ def test_cli_stops_before_any_server_or_image_on_a_bad_layout_or_an_unreachable_
     assert main(["train", "--profile", "smoke", "--data-dir", str(data),
                  "--result-json", str(tmp_path / "no" / "such" / "r.json")]) == 2
     assert "--result-json: folder" in capsys.readouterr().err
+    assert main(["train", "--profile", "smoke", "--data-dir", str(data), "--search-blocks", "5", "3"]) == 2
+    assert "search_blocks=(5, 3) needs 1 <= min <= max" in capsys.readouterr().err
     assert not (tmp_path / "never.db").exists()  # nothing was started
 
 
