@@ -55,14 +55,23 @@ class DataConfigError(ValueError):
     """The dataset folder is missing, misnamed or incomplete."""
 
 
+def _work_dir_from_environment() -> Path:
+    """CXR_WORK_DIR of the machine the config is built on (a worker's, for a deployment), else ./work."""
+    return Path(os.environ.get(WORK_ENV) or "work")
+
+
 class TrainConfig(BaseModel):
-    """Every setting of one flow run; profiles fill it, the CLI overrides single fields."""
+    """Every setting of one flow run; profiles fill it, the CLI overrides single fields.
+
+    However it is built (`load_config`, `TrainConfig(...)`, or a Prefect deployment's parameters), the fields it
+    is not given come from its `profile` (PROFILES), then from the defaults below.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     profile: str = "default"  # name of the profile this config started from (logged as a tag)
     data_dir: Path | None = None  # folder with train/, test/ and optional val/ (Kaggle layout)
-    work_dir: Path = Path("work")  # decoded-image cache, tuner state, exported models
+    work_dir: Path = Field(default_factory=_work_dir_from_environment)  # decode cache, tuner state, outputs
     # data
     image_size: int = Field(128, ge=16, le=1024)  # square side the images are resized to
     # share of train patients held out for validation: one of round(1/val_fraction) folds, so 0.15 holds out 1/7
@@ -143,6 +152,17 @@ class TrainConfig(BaseModel):
     champion_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy"] = "roc_auc"  # validation; decides `champion`
     # compute
     threads: int | None = Field(None, ge=1)  # intra-op threads; None = one per core
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_fills_the_rest(cls, data: Any) -> Any:
+        """The profile's settings under the given ones: {"profile": "smoke"} is the smoke profile, not a tag."""
+        if not isinstance(data, dict):
+            return data
+        profile = data.get("profile", "default")
+        if profile not in PROFILES:
+            raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        return {**PROFILES[profile], **data}
 
     @model_validator(mode="after")
     def _enough_trials(self) -> TrainConfig:
@@ -272,7 +292,4 @@ def load_config(profile: str = "default", **overrides: Any) -> TrainConfig:
     """Build a config from a named profile plus explicit overrides (None values are ignored)."""
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    values = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
-    if "work_dir" not in values and os.environ.get(WORK_ENV):
-        values["work_dir"] = os.environ[WORK_ENV]
-    return TrainConfig(profile=profile, **values)
+    return TrainConfig(profile=profile, **{k: v for k, v in overrides.items() if v is not None})

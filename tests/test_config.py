@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cxr_model.config import PROFILES, DataConfigError, load_config
+from cxr_model.config import PROFILES, DataConfigError, TrainConfig, load_config
 
 
 def test_profiles_load_and_overrides_win() -> None:
@@ -64,6 +64,31 @@ def test_work_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("CXR_WORK_DIR", str(tmp_path))
     cfg = load_config("smoke")
     assert cfg.cache_dir == tmp_path / "cache" and cfg.tuner_dir == tmp_path / "tuner"
+    assert TrainConfig().work_dir == tmp_path  # a config built without load_config reads it too
+    monkeypatch.delenv("CXR_WORK_DIR")
+    assert TrainConfig().work_dir == Path("work")
+
+
+def test_a_deployments_parameters_get_their_profile_and_the_workers_work_dir(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
+    """A Prefect deployment hands the flow a dict of parameters, which Prefect validates into a TrainConfig:
+    {"profile": "smoke"} must mean the smoke profile (not a tag on the defaults), and the work folder must be the
+    one CXR_WORK_DIR names on the worker that runs it."""
+    from flows.train_flow import train_flow
+
+    monkeypatch.setenv("CXR_WORK_DIR", str(tmp_path / "shared-work"))
+    cfg = train_flow.validate_parameters({"cfg": {"profile": "smoke", "epochs": 3}})["cfg"]
+    assert isinstance(cfg, TrainConfig)
+    assert cfg == load_config("smoke", epochs=3)
+    assert cfg.image_size == PROFILES["smoke"]["image_size"] and cfg.work_dir == tmp_path / "shared-work"
+    assert train_flow.validate_parameters({"cfg": {}})["cfg"] == load_config("default")
+    assert TrainConfig(max_trials=9) == load_config("default", max_trials=9)
+    # a config that went out as JSON comes back the same, whatever the environment where it is read
+    sent = load_config("full", seed=3).model_dump(mode="json")
+    monkeypatch.setenv("CXR_WORK_DIR", str(tmp_path / "elsewhere"))
+    assert TrainConfig.model_validate(sent) == load_config("full", seed=3, work_dir=tmp_path / "shared-work")
+    with pytest.raises(ValidationError, match="Unknown profile"):
+        TrainConfig(profile="huge")
 
 
 def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> None:
