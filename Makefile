@@ -23,8 +23,12 @@ test: setup  ## unit tests on synthetic images + integration tests on a small re
 lint: setup
 	$(VENV)/bin/ruff check cxr_model tasks flows tests benchmarks
 
-ui: setup  ## browse runs and the registry at http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+ui: setup  ## browse runs and the registry at http://127.0.0.1:5000 (a tracking server: open its own URL)
+	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"; \
+	case "$$uri" in \
+	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$uri in a browser (it serves the UI)";; \
+	  *) exec $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000;; \
+	esac
 
 clean:
 	rm -rf work

@@ -138,23 +138,36 @@ class TrackingServerError(RuntimeError):
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
     """For an http(s) tracking URI, one request to the server's /health before hours of training depend on it.
 
-    Any HTTP answer counts as reachable (an auth proxy may refuse /health); no answer at all is a clear error.
+    Any HTTP answer counts as reachable (an auth proxy may refuse /health); no answer at all is a clear error,
+    and so is a TLS handshake that fails. TLS is checked as the MLflow client checks it
+    (MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_CLIENT_CERT_PATH).
     Local stores (sqlite, file, postgresql through a server) need no check here.
     """
     if not uri.startswith(("http://", "https://")):
         return
-    import http.client
-    import urllib.error
-    import urllib.request
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
 
+    creds = get_default_host_creds(uri)
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({reason}). Start it (see "
-                                  "docker/), or point MLFLOW_TRACKING_URI at one that runs.") from None
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=creds.verify,
+                     cert=creds.client_cert_path).close()
+    except requests.exceptions.SSLError as exc:
+        raise TrackingServerError(
+            f"MLflow tracking server {uri}: the TLS handshake failed ({_root_cause(exc)}). For a private "
+            "certificate authority, set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle (or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true to skip verification), as for the MLflow client.") from None
+    except requests.exceptions.RequestException as exc:
+        raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({_root_cause(exc)}). Start it "
+                                  "(see docker/), or point MLFLOW_TRACKING_URI at one that runs.") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 error chain (its message, without the wrappers' retries)."""
+    while exc.__cause__ is not None or (exc.args and isinstance(exc.args[0], BaseException)):
+        exc = exc.__cause__ if exc.__cause__ is not None else exc.args[0]
+    reason = getattr(exc, "reason", None)
+    return str(reason if isinstance(reason, BaseException | str) else exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
