@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
     check_layout(cfg.resolved_data_dir())  # train/ and test/, NORMAL/ and PNEUMONIA/ in each; no image read
     check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    check_prefect_server()
     if args.result_json and not args.result_json.parent.is_dir():
         raise DataConfigError(f"--result-json: folder {args.result_json.parent} does not exist")
 
@@ -132,7 +133,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 class TrackingServerError(RuntimeError):
-    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+    """A server the run would depend on (MLflow tracking, the Prefect API) does not answer."""
+
+
+def check_prefect_server(timeout: float = 10.0) -> None:
+    """When a Prefect API is configured (PREFECT_API_URL, in the environment or the active Prefect profile), one
+    request to its /health; any HTTP answer counts. Without one the flow starts a temporary server of its own."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    if not url:
+        return
+    import requests
+
+    try:
+        requests.get(url.rstrip("/") + "/health", timeout=timeout).close()
+    except requests.exceptions.RequestException as exc:
+        raise TrackingServerError(f"Prefect API {url} does not answer ({_root_cause(exc)}). Start it (`prefect "
+                                  "server start`), or unset PREFECT_API_URL to let the flow start a temporary "
+                                  "server of its own.") from None
 
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:

@@ -217,6 +217,11 @@ def test_cli_stops_before_any_server_or_image_on_a_bad_layout_or_an_unreachable_
     assert main(["train", "--profile", "smoke", "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
     assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "never.db"))
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    assert main(["train", "--profile", "smoke", "--data-dir", str(data)]) == 2
+    assert f"Prefect API http://127.0.0.1:{port}/api does not answer" in capsys.readouterr().err
+    monkeypatch.delenv("PREFECT_API_URL")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "never.db"))
     assert main(["train", "--profile", "smoke", "--data-dir", str(data),
