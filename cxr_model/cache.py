@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,11 @@ def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> 
         # Write then rename, so a crash never leaves a half-written cache that looks complete.
         # Both files, so that two processes filling the same cache at once (workers on a shared work folder)
         # each replace a whole file and a reader never sees a half-written one.
-        tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
+        # unique per writer, not per pid: processes in separate containers sharing the folder are all pid 1
+        unique_name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp = array_path.with_suffix(f".tmp{unique_name}.npy")
         np.save(tmp, images)
-        tmp_keys = keys_path.with_suffix(f".tmp{os.getpid()}.json")
+        tmp_keys = keys_path.with_suffix(f".tmp{unique_name}.json")
         tmp_keys.write_text(json.dumps(unique["sha256"].tolist()))
         os.replace(tmp_keys, keys_path)
         os.replace(tmp, array_path)
