@@ -219,6 +219,10 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "geometry@96-class-weights+sgd": (dict(optimizer="sgd", learning_rate=0.01),
                                       dict(**GEOMETRY, image_size=96, class_weights=False)),
     "geometry@96-class-weights+cosine": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, schedule="cosine")),
+    # session 16, second rule: the quality issue's "longer schedules with cosine decay" as one lever, 24 epochs
+    # (patience 6, as session 14's `+long`) along a cosine to 0; the cosine over 12 held clean validation best
+    "geometry@96-class-weights+long-cosine": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, epochs=24,
+                                                      patience=6, schedule="cosine")),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
     # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
