@@ -20,6 +20,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def called_pneumonia(y_prob, threshold: float) -> np.ndarray:
+    """True where a score is at or above the threshold, compared in float64 as serving compares them (a float32
+    score and a float64 threshold would otherwise meet in float32, and disagree with serving within one step)."""
+    return np.asarray(y_prob, dtype=np.float64) >= float(threshold)
+
+
 def margin_threshold(y_true: np.ndarray, y_prob: np.ndarray, tail: float = 0.05) -> float:
     """Midpoint, in logit space, between the top `tail` quantile of NORMAL scores and the bottom of PNEUMONIA.
 
@@ -29,6 +35,8 @@ def margin_threshold(y_true: np.ndarray, y_prob: np.ndarray, tail: float = 0.05)
     image changes, and leaves the same room for drift on both sides.
     """
     y_true = np.asarray(y_true).astype(int)
+    if np.isnan(np.asarray(y_prob, dtype=np.float64)).any():
+        raise ValueError("Input contains NaN: the margin rule needs a score for every image")
     z = _logit(y_prob)
     upper_normal = np.quantile(z[y_true == 0], 1 - tail)
     lower_pneumonia = np.quantile(z[y_true == 1], tail)
@@ -64,7 +72,8 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
     if rule == "youden":
         fpr, tpr, thresholds = skm.roc_curve(y_true, y_prob)
         best = int(np.argmax(tpr - fpr))
-        return float(np.clip(thresholds[best], 0.0, 1.0))
+        # sklearn's first point (threshold inf) calls nothing positive: just above 1 keeps that meaning
+        return float(np.clip(thresholds[best], 0.0, np.nextafter(1.0, 2.0)))
     if rule == "f1":
         precision, recall, thresholds = skm.precision_recall_curve(y_true, y_prob)
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
@@ -102,7 +111,7 @@ def cross_fit_rules(
 
 def _rates(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> tuple[float, float, float]:
     """(balanced accuracy, sensitivity, specificity) at `threshold`; both classes must be present."""
-    predicted = y_prob >= threshold
+    predicted = called_pneumonia(y_prob, threshold)
     sensitivity, specificity = predicted[y_true == 1].mean(), (~predicted[y_true == 0]).mean()
     return (sensitivity + specificity) / 2, sensitivity, specificity
 
@@ -153,7 +162,7 @@ def cross_fit_stressed(
 def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:
     """Accuracy, precision, sensitivity, specificity, F1, ROC AUC and PR AUC at `threshold`."""
     y_true = np.asarray(y_true).astype(int)
-    y_pred = (np.asarray(y_prob) >= threshold).astype(int)
+    y_pred = called_pneumonia(y_prob, threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     both = len(np.unique(y_true)) == 2
     return {
@@ -169,7 +178,7 @@ def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> 
 
 
 def classification_report(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> str:
-    y_pred = (np.asarray(y_prob) >= threshold).astype(int)
+    y_pred = called_pneumonia(y_prob, threshold).astype(int)
     return skm.classification_report(
         np.asarray(y_true).astype(int), y_pred, labels=[0, 1], target_names=["NORMAL", "PNEUMONIA"],
         digits=4, zero_division=0,

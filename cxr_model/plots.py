@@ -14,6 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from cxr_model.data import CLASSES  # noqa: E402
+from cxr_model.evaluate import called_pneumonia  # noqa: E402
 
 
 def class_counts(manifest: pd.DataFrame) -> Figure:
@@ -59,7 +60,7 @@ def learning_curves(history: dict[str, list[float]]) -> Figure:
 
 
 def confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, title: str) -> Figure:
-    y_pred = (np.asarray(y_prob) >= threshold).astype(int)
+    y_pred = called_pneumonia(y_prob, threshold).astype(int)
     cm = skm.confusion_matrix(np.asarray(y_true).astype(int), y_pred, labels=[0, 1])
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=CLASSES, yticklabels=CLASSES, ax=ax)

@@ -18,6 +18,7 @@ from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
 from cxr_model.evaluate import (
     binary_metrics,
+    called_pneumonia,
     choose_threshold,
     classification_report,
     cross_fit_rules,
@@ -92,7 +93,7 @@ def gradcam_figure(model: keras.Model, test: pd.DataFrame, images: DecodedImages
     """
     picks = test.assign(prob=p_test).sort_values("path").groupby("label", group_keys=False).head(per_class)
     x = images.take(picks)
-    answers = (picks["prob"].to_numpy() >= threshold).astype(int)  # (n,) 1 = PNEUMONIA
+    answers = called_pneumonia(picks["prob"].to_numpy(), threshold).astype(int)  # (n,) 1 = PNEUMONIA
     titles = [f"{r.class_name} · p={r.prob:.2f} → {'PNEU' if a else 'NORM'}\n{Path(r.path).name[:22]}"
               for r, a in zip(picks.itertuples(), answers, strict=True)]
     return plots.gradcam_grid(x, gradcam(model, x, classes=answers), titles)

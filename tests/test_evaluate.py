@@ -122,3 +122,25 @@ def test_cross_fit_stressed_scores_each_rule_on_a_stress_it_did_not_see() -> Non
     # fitted to the other stresses, the threshold keeps more of the held-out stress's normals
     assert table["stressed_margin"]["stressed_specificity"] > table["margin"]["stressed_specificity"] + 0.05
     assert cross_fit_stressed(y, p, {"only": p}) == {}  # one stress leaves nothing to fit on when it is held out
+
+
+def test_scores_meet_the_threshold_in_float64_as_serving_compares_them() -> None:
+    """A float32 score a hair below a float64 threshold is NORMAL in evaluation as in serving, where the score is
+    cast to float64 first (compared in float32, the threshold would round down onto the score)."""
+    from cxr_model.evaluate import called_pneumonia
+
+    y = np.array([0, 1])
+    p = np.array([0.5, 0.9], dtype=np.float32)
+    t = 0.50000001  # float32(t) == 0.5
+    assert not called_pneumonia(p, t)[0] and bool(p.astype("float64")[0] >= t) is False  # serving's comparison
+    assert binary_metrics(y, p, t)["specificity"] == 1.0
+
+
+def test_degenerate_rules_answer_alike_or_refuse() -> None:
+    y = np.array([0, 1, 0, 1])
+    for flat in (1.0, 0.7):  # a model that ranks nothing: Youden's best is to call nothing PNEUMONIA
+        p = np.full(4, flat, dtype=np.float32)
+        t = choose_threshold(y, p, "youden")
+        assert binary_metrics(y, p, t)["sensitivity"] == 0.0, flat
+    with pytest.raises(ValueError, match="NaN"):
+        choose_threshold(y, np.array([0.1, np.nan, 0.2, 0.9]), "margin")
