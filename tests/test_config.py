@@ -170,7 +170,7 @@ def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
     for other in (dict(class_weights=True), dict(zoom=0.1), dict(seed=7), dict(val_fraction=0.2),
                   dict(search_fraction=0.5), dict(search_epochs=3), dict(image_size=96), dict(weight_decay=0.05),
                   dict(ema=0.99), dict(optimizer="sgd"), dict(search_filters=(16,)), dict(balanced_sampling=True),
-                  dict(batch_size=8)):
+                  dict(batch_size=8), dict(max_per_class=7), dict(patience=9), dict(augment=False)):
         assert load_config("smoke", **other).search_state_key() != key, other
 
 

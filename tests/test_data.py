@@ -194,6 +194,9 @@ def test_digest_changes_with_labels_and_splits(synthetic_dataset: Path) -> None:
     flipped.loc[0, "label"] = 1 - flipped.loc[0, "label"]
     assert manifest_digest(m) == manifest_digest(m.sample(frac=1.0, random_state=0))
     assert manifest_digest(m) != manifest_digest(flipped)
+    moved = m.copy()
+    moved.loc[moved["split"] == "val", "split"] = "train"
+    assert manifest_digest(m) != manifest_digest(moved)
 
 
 def test_cap_per_class_keeps_whole_patients_first() -> None:
@@ -201,6 +204,10 @@ def test_cap_per_class_keeps_whole_patients_first() -> None:
     capped = cap_per_class(m, 5, seed=0)
     counts = capped.groupby(["split", "label"]).size()
     assert (counts <= 5).all() and counts.loc[("train", 1)] == 5
+    for (split, label), group in capped.groupby(["split", "label"]):
+        whole = m[(m["split"] == split) & (m["label"] == label)].groupby("patient_id").size()
+        kept = group.groupby("patient_id").size()
+        assert (kept < whole[kept.index]).sum() <= 1, (split, label)  # only the last patient taken may be cut
 
 
 def test_class_weights_balance_the_loss() -> None:

@@ -85,6 +85,17 @@ def test_cross_fit_rules_scores_every_rule_on_held_out_halves() -> None:
     for row in table.values():
         assert 0.75 < row["balanced_accuracy"] < 1.0 and row["threshold_logit_sd"] > 0
     assert cross_fit_rules(np.array([0, 1, 1, 1, 1]), np.linspace(0.1, 0.9, 5)) == {}  # too few to split
+    # each score is of a half the threshold was not fitted on: recomputed over the same halvings
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    from cxr_model.evaluate import called_pneumonia
+
+    held_out = []
+    for fit, held in RepeatedStratifiedKFold(n_splits=2, n_repeats=3, random_state=0).split(p, y):
+        called = called_pneumonia(p[held], choose_threshold(y[fit], p[fit], "youden"))
+        held_out.append((called[y[held] == 1].mean() + (~called[y[held] == 0]).mean()) / 2)
+    assert cross_fit_rules(y, p, rules=("youden",), repeats=3)["youden"]["balanced_accuracy"] == pytest.approx(
+        np.mean(held_out))
 
 
 def _shifted_normals(seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -112,8 +123,20 @@ def test_stressed_rules_fit_the_pooled_clean_and_stressed_scores() -> None:
         choose_threshold(y, p, "stressed_margin", [copies[0][:-1]])
 
 
-def test_cross_fit_stressed_scores_each_rule_on_a_stress_it_did_not_see() -> None:
+def test_cross_fit_stressed_scores_each_rule_on_a_stress_it_did_not_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cxr_model.evaluate as evaluate
+
     y, p, stressed = _shifted_normals(1)
+    fitted_on, choose = [], evaluate.choose_threshold
+
+    def spy(y_true, y_prob, rule="margin", stressed_copies=()):
+        fitted_on.append(len(stressed_copies))
+        return choose(y_true, y_prob, rule, stressed_copies)
+
+    monkeypatch.setattr(evaluate, "choose_threshold", spy)
+    evaluate.cross_fit_stressed(y, p, stressed, repeats=1)
+    assert fitted_on and set(fitted_on) <= {0, len(stressed) - 1}  # never the held-out stress among the fitted
+    monkeypatch.undo()
     table = cross_fit_stressed(y, p, stressed, repeats=4)
     assert set(table) == {"margin", "youden", "stressed_margin", "stressed_youden"}
     for row in table.values():

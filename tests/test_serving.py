@@ -565,3 +565,12 @@ def test_cli_predict_in_process_fails_at_once_when_the_tracking_server_does_not_
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "cannot load models:/cxr-pneumonia@champion" in err and "does not answer" in err
+
+
+def test_a_score_at_the_threshold_is_pneumonia_when_served() -> None:
+    """`p >= threshold`, as evaluation calls it (cxr_model.evaluate.called_pneumonia)."""
+    model = CxrPneumoniaModel()
+    model.threshold, model.image_size = 0.5, 16
+    model.forward = lambda images: np.full(len(images), 0.5, np.float32)
+    out = model.predict(None, pd.DataFrame({INPUT_COLUMN: [GOOD_IMAGE]}))
+    assert out["label"].tolist() == ["PNEUMONIA"]

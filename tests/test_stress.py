@@ -22,6 +22,9 @@ def test_stresses_move_exposure_detail_and_shape_the_right_way() -> None:
     out = stresses(x)
     assert out["gamma0.6"].mean() > x.mean() > out["gamma1.6"].mean()  # brighter / darker exposure curve
     assert out["blur"].std() < 0.5 * x.std()
+    stripes = np.full((1, 40, 40, 1), 100, np.uint8)
+    stripes[:, (np.arange(40) // 2) % 2 == 1] = 160  # two-pixel stripes: more than half the resolution holds
+    assert stresses(stripes)["blur"].std() < 0.5 * stripes.std()  # a 5% resize would keep them
     assert (out["wider_view"][0, 0] == 0).all() and (out["wider_view"][0, 20, 20] > 0).all()  # black frame
     assert (out["narrower"][0, :, :3] == 0).all() and (out["narrower"][0, :, 20] > 0).all()  # bars at the sides
     assert (out["broader"] > 0).all()  # cropped at the sides, so no border

@@ -45,6 +45,9 @@ def test_time_budget_stops_before_an_epoch_that_would_not_fit() -> None:
     # after epoch 1: 20 s spent + 10 s for the next fits in 35; after epoch 2: 40 + 10 does not
     assert _fit_with(budget, epochs=6) == 2
     assert budget.stopped_early
+    ticks = itertools.count(0.0, 10.0)
+    ahead = TimeBudget(45.0, clock=lambda: next(ticks))
+    assert _fit_with(ahead, epochs=6) == 2  # 40 s spent is within 45, but the next epoch's 10 would not be
 
     ticks = itertools.count(0.0, 10.0)
     roomy = TimeBudget(1000.0, clock=lambda: next(ticks))
