@@ -69,7 +69,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    profile: str = "default"  # name of the profile this config started from (logged as a tag)
+    # name of the profile this config started from (logged as a tag); fixed once built, since only building a
+    # config fills it from its profile: assigning another would re-tag it without changing what it holds
+    profile: str = Field("default", frozen=True)
     data_dir: Path | None = None  # folder with train/, test/ and optional val/ (Kaggle layout)
     work_dir: Path = Field(default_factory=_work_dir_from_environment)  # decode cache, tuner state, outputs
     # data

@@ -89,6 +89,8 @@ def test_a_deployments_parameters_get_their_profile_and_the_workers_work_dir(mon
     assert TrainConfig.model_validate(sent) == load_config("full", seed=3, work_dir=tmp_path / "shared-work")
     with pytest.raises(ValidationError, match="Unknown profile"):
         TrainConfig(profile="huge")
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.profile = "full"  # would re-tag without refilling
 
 
 def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> None:
