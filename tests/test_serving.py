@@ -72,7 +72,9 @@ def split_body(images: list[str], column: str = INPUT_COLUMN) -> dict:
 
 
 # (name, request body builder from one good base64 image, status, patterns the message must contain)
-GOOD_IMAGE = b64(jpeg(Image.new("L", (64, 64), 90)))
+_TWO_TONE = np.full((64, 64), 90, np.uint8)
+_TWO_TONE[:, 32:] = 170  # grey 90 on the left, 170 on the right: not blank (serving refuses a flat frame)
+GOOD_IMAGE = b64(jpeg(Image.fromarray(_TWO_TONE, "L")))
 BAD_REQUESTS: list[tuple[str, Callable[[str], object], list[str]]] = [
     ("invalid-base64", lambda good: split_body(["@@@ this is not base64 @@@"]), ["row 0", "invalid base64"]),
     ("not-an-image", lambda good: split_body([b64(b"%PDF-1.4 a report, not an image")]),
@@ -156,9 +158,25 @@ def test_request_error_message_survives_the_scoring_servers_rewrite() -> None:
 
 
 def test_decode_request_rows_returns_a_model_batch() -> None:
-    batch = decode_request_rows([GOOD_IMAGE, b64(png(Image.new("RGBA", (300, 200), (200, 10, 10, 255))))], 16)
+    colour = np.zeros((200, 300, 4), np.uint8)
+    colour[:, :150], colour[:, 150:] = (200, 10, 10, 255), (10, 200, 10, 255)  # opaque red | green
+    batch = decode_request_rows([GOOD_IMAGE, b64(png(Image.fromarray(colour, "RGBA")))], 16)
     assert batch.shape == (2, 16, 16, 1) and batch.dtype == np.uint8
-    assert batch[0, 0, 0, 0] == 90 and batch[1, 0, 0, 0] == 67  # 0.299*200 + 0.587*10 + 0.114*10 = 66.8
+    assert abs(int(batch[0, 0, 0, 0]) - 90) <= 1 and batch[1, 0, 0, 0] == 67  # 0.299*200 + 0.587*10 + 0.114*10
+    assert decode_request_rows([], 16).shape == (0, 16, 16, 1)
+
+
+def test_a_blank_image_is_refused_and_named() -> None:
+    """A frame with no spread of grey levels (a detector fault, a saturated export) carries nothing to score; the
+    network would answer for it all the same (a flat grey square scores PNEUMONIA 1.00)."""
+    blank = b64(png(Image.new("L", (300, 200), 128)))
+    with pytest.raises(RequestError) as caught:
+        decode_request_rows([GOOD_IMAGE, blank, b64(png(Image.new("RGB", (50, 50), (255, 255, 255))))], 16)
+    assert [e["row"] for e in caught.value.errors] == [1, 2]
+    assert all("blank image" in e["error"] for e in caught.value.errors)
+    faint = np.full((64, 64), 120, np.uint8)
+    faint[::2] = 125  # a faint film still passes: sd 2.5
+    assert decode_request_rows([b64(png(Image.fromarray(faint, "L")))], 64).shape == (1, 64, 64, 1)
     assert decode_request_rows([], 16).shape == (0, 16, 16, 1)
 
 
