@@ -324,4 +324,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_main
+
+    run_main(main)

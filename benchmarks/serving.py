@@ -5,8 +5,9 @@
         --model-uri models:/cxr-pneumonia@champion                # a trained, registered one
 
 Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, the
-default profile's input size) in a temporary MLflow store, the way the flow's register task does; weights do
-not change the timing. Images are real test-split JPEGs (224x224 in this dataset); the full-size case is one of
+default profile's input size when the committed numbers were taken; --image-size 96 for today's) in a temporary
+MLflow store, the way the flow's register task does; weights do not change the timing.
+Images are real test-split JPEGs (224x224 in this dataset); the full-size case is one of
 them upscaled to a 2000x1600 grayscale JPEG, the size of a scanner export.
 
 Each case calls the in-process pyfunc and the server alternately, so both see the same machine load. Times are
@@ -230,4 +231,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_main
+
+    run_main(main)
