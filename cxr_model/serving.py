@@ -26,6 +26,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
+from cxr_model.evaluate import called_pneumonia
 from cxr_model.preprocess import MAX_PIXELS, decode_image
 from cxr_model.train import compile_forward
 
@@ -42,7 +43,8 @@ SIGNATURE = ModelSignature(
 
 # Packages the served model imports, pinned at the installed versions (saves MLflow's slow inference).
 # TensorFlow is pinned under the name it was installed as: tensorflow-cpu here, tensorflow on a GPU worker or a Mac.
-SERVED_PACKAGES = ("mlflow", "cloudpickle", ("tensorflow-cpu", "tensorflow"), "keras", "numpy", "pandas", "pillow")
+SERVED_PACKAGES = ("mlflow", "cloudpickle", ("tensorflow-cpu", "tensorflow"), "keras", "numpy", "pandas", "pillow",
+                   "scikit-learn")
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
 _WHITESPACE = re.compile(r"\s+")
@@ -173,6 +175,6 @@ class CxrPneumoniaModel(PythonModel):
         prob = self.forward(images).astype("float64")
         return pd.DataFrame({
             "probability": prob,
-            "label": np.where(prob >= self.threshold, LABELS[1], LABELS[0]),
+            "label": np.where(called_pneumonia(prob, self.threshold), LABELS[1], LABELS[0]),
             "threshold": np.full(len(prob), self.threshold),
         })

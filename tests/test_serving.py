@@ -183,7 +183,8 @@ def test_a_blank_image_is_refused_and_named() -> None:
 def test_pip_requirements_pin_what_the_model_imports() -> None:
     reqs = pip_requirements()
     assert all("==" in r for r in reqs)
-    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas"}
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas",
+                                                "scikit-learn"}
 
 
 def test_pip_requirements_pin_tensorflow_under_the_name_it_was_installed_as(monkeypatch) -> None:
