@@ -127,6 +127,12 @@ def model_card(cfg: TrainConfig, evaluation: Evaluation, data_digest: str, run_i
     )
 
 
+def _left_without_alias(model_name: str, version: str, run_id: str, why: str) -> str:
+    """What a registration that could not set an alias says: which version, from which run, and what to do."""
+    return (f"{model_name} v{version} is registered (run {run_id}) but has no alias: {why}. Give it one by hand "
+            "(MlflowClient().set_registered_model_alias)")
+
+
 def registry_lock_name(model_name: str) -> str:
     """The Prefect global concurrency limit that serialises the alias moves of one registered model."""
     return "cxr-register-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
@@ -204,13 +210,11 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
             with registry_lock(cfg.model_name):  # the read of the champion and the alias move, as one step
                 alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))
         except TimeoutError as e:
-            raise TimeoutError(f"{cfg.model_name} v{version} is registered (run {run_id}) but has no alias: {e}. "
-                               "Give it one by hand (MlflowClient().set_registered_model_alias)") from e
+            raise TimeoutError(_left_without_alias(cfg.model_name, version, run_id, str(e))) from e
         except MlflowException as e:  # the champion could not be read or the alias not set
-            raise RuntimeError(f"{cfg.model_name} v{version} is registered (run {run_id}) but has no alias: the "
-                               f"registry failed while comparing it with the champion ({e.message}). Compare the "
-                               "versions' val_score tags and give it one by hand "
-                               "(MlflowClient().set_registered_model_alias)") from e
+            raise RuntimeError(_left_without_alias(
+                cfg.model_name, version, run_id, f"the registry failed while comparing it with the champion "
+                f"({e.message}); compare the versions' {SCORE_TAG} tags")) from e
         mlflow.set_tags({"registered_version": version, "registered_alias": alias})
     print(f"Registered {cfg.model_name} v{version} as @{alias} (validation {cfg.champion_metric}={score:.4f}; "
           f"champion had {previous})")
