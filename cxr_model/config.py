@@ -32,7 +32,8 @@ Schedule = Literal["plateau", "cosine"]
 
 # Rules that pick the decision threshold on validation (see cxr_model.evaluate.choose_threshold). The stressed_
 # ones fit the pooled scores of validation and its stressed copies (cxr_model.stress), the others clean validation.
-ThresholdRule = Literal["margin", "youden", "balanced_accuracy", "f1", "stressed_margin", "stressed_youden"]
+ThresholdRule = Literal["margin", "youden", "balanced_accuracy", "f1", "stressed_margin", "stressed_youden",
+                        "stressed_minimax"]
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 STRESSED_RULES: tuple[str, ...] = tuple(r for r in THRESHOLD_RULES if r.startswith("stressed_"))
 CLEAN_RULES: tuple[str, ...] = tuple(r for r in THRESHOLD_RULES if r not in STRESSED_RULES)

@@ -12,7 +12,8 @@ from cxr_model.config import CLEAN_RULES, STRESSED_RULES, THRESHOLD_RULES
 ALIASES = {"balanced_accuracy": "youden"}  # the same optimum under the name some readers know it by
 
 __all__ = ["CLEAN_RULES", "STRESSED_RULES", "THRESHOLD_RULES", "binary_metrics", "choose_threshold",
-           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold", "STRESS_CV_RULES"]
+           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold", "minimax_threshold",
+           "STRESS_CV_RULES"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -43,6 +44,44 @@ def margin_threshold(y_true: np.ndarray, y_prob: np.ndarray, tail: float = 0.05)
     return float(1 / (1 + np.exp(-(upper_normal + lower_pneumonia) / 2)))
 
 
+MINIMAX_TOLERANCE = 0.005  # balanced accuracy: about one NORMAL image in a validation half of ~95
+
+
+def minimax_threshold(y_true: np.ndarray, copies: Sequence[np.ndarray], tolerance: float = MINIMAX_TOLERANCE) -> float:
+    """The threshold whose worst balanced accuracy over `copies` (score arrays for the same labels) is highest.
+
+    Pooling the stressed copies (`stressed_margin`) lets the mild stresses, which are most of the pool, outvote
+    the one that shifts scores most; this rule answers to the worst copy instead. Balanced accuracy is a step
+    function of the threshold, so its maximin is a plateau whose edges are single images: every candidate within
+    `tolerance` of the best worst-case next to the best one is kept, and the rule takes the middle, in logit space,
+    of the lowest and highest of them (as `margin_threshold` takes the middle of the gap).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    copies = [np.asarray(c, dtype=np.float64) for c in copies]
+    if any(np.isnan(c).any() for c in copies):
+        raise ValueError("Input contains NaN: the minimax rule needs a score for every image")
+    logits = [_logit(c) for c in copies]
+    # one candidate between each pair of neighbouring scores (and one beyond each end), so that no candidate sits
+    # on an image's own score: every threshold between two neighbours calls the same images
+    z = np.unique(np.concatenate(logits))
+    candidates = np.concatenate([[z[0] - 1.0], (z[:-1] + z[1:]) / 2, [z[-1] + 1.0]])
+    positives, negatives = (y_true == 1).sum(), (y_true == 0).sum()
+    worst = np.full(len(candidates), np.inf)
+    for c in logits:
+        # called PNEUMONIA where the score is above the candidate: counted per class through sorted scores
+        sens = 1 - np.searchsorted(np.sort(c[y_true == 1]), candidates) / positives
+        spec = np.searchsorted(np.sort(c[y_true == 0]), candidates) / negatives
+        worst = np.minimum(worst, (sens + spec) / 2)
+    # the run of near-best candidates around the best one; a second run elsewhere would put the middle in a valley
+    best, near = int(np.argmax(worst)), worst >= worst.max() - tolerance
+    low, high = best, best
+    while low > 0 and near[low - 1]:
+        low -= 1
+    while high < len(near) - 1 and near[high + 1]:
+        high += 1
+    return float(1 / (1 + np.exp(-(candidates[low] + candidates[high]) / 2)))
+
+
 def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin",
                      stressed: Sequence[np.ndarray] = ()) -> float:
     """Pick the decision threshold on validation data.
@@ -53,7 +92,8 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
     scores of the same images clean and under each stress in `stressed` (arrays of probabilities aligned with
     `y_prob`, see `cxr_model.stress`), pooled: the threshold is fitted to the scanners the stresses model as
     well as to the one validation came from. stressed_youden maximises balanced accuracy averaged over the
-    clean and stressed copies.
+    clean and stressed copies; stressed_minimax maximises the worst of their balanced accuracies
+    (`minimax_threshold`).
     """
     y_true = np.asarray(y_true).astype(int)
     if len(np.unique(y_true)) < 2:
@@ -64,6 +104,8 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "margin
         if any(len(p) != len(y_prob) for p in stressed):
             raise ValueError(f"Each stressed copy needs one score per validation image ({len(y_prob)}), got "
                              f"{[len(p) for p in stressed]}")
+        if rule == "stressed_minimax":
+            return minimax_threshold(y_true, [y_prob, *stressed])
         y_prob = np.concatenate([np.asarray(y_prob), *map(np.asarray, stressed)])
         y_true, rule = np.tile(y_true, 1 + len(stressed)), rule.removeprefix("stressed_")
     if rule == "margin":

@@ -138,7 +138,7 @@ def test_cross_fit_stressed_scores_each_rule_on_a_stress_it_did_not_see(monkeypa
     assert fitted_on and set(fitted_on) <= {0, len(stressed) - 1}  # never the held-out stress among the fitted
     monkeypatch.undo()
     table = cross_fit_stressed(y, p, stressed, repeats=4)
-    assert set(table) == {"margin", "youden", "stressed_margin", "stressed_youden"}
+    assert set(table) == {"margin", "youden", "stressed_margin", "stressed_youden", "stressed_minimax"}
     for row in table.values():
         assert 0.9 < row["clean_balanced_accuracy"] <= 1.0
         assert 0.5 < row["worst_stress_balanced_accuracy"] < row["clean_balanced_accuracy"]  # the stresses cost
@@ -167,3 +167,38 @@ def test_degenerate_rules_answer_alike_or_refuse() -> None:
         assert binary_metrics(y, p, t)["sensitivity"] == 0.0, flat
     with pytest.raises(ValueError, match="NaN"):
         choose_threshold(y, np.array([0.1, np.nan, 0.2, 0.9]), "margin")
+
+
+def test_minimax_threshold_holds_the_worst_copy_best_and_sits_mid_plateau() -> None:
+    from cxr_model.evaluate import minimax_threshold
+
+    y = np.array([0, 0, 1, 1])
+    clean, stressed = np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.1, 0.6, 0.8, 0.9])
+    # clean alone: every threshold in (0.2, 0.8) is perfect; the middle in logit space is 0.5
+    assert minimax_threshold(y, [clean]) == pytest.approx(0.5)
+    # the stressed copy moves a normal to 0.6: only (0.6, 0.8) is perfect for both
+    t = minimax_threshold(y, [clean, stressed])
+    assert 0.6 < t < 0.8
+    assert t == pytest.approx(1 / (1 + np.exp(-(np.log(0.6 / 0.4) + np.log(0.8 / 0.2)) / 2)))
+    # the rule's name in a run's config reaches it, with the clean scores first among the copies
+    assert choose_threshold(y, clean, "stressed_minimax", [stressed]) == pytest.approx(t)
+    with pytest.raises(ValueError, match="NaN"):
+        minimax_threshold(y, [np.array([0.1, np.nan, 0.8, 0.9])])
+
+
+def test_minimax_threshold_maximises_the_worst_balanced_accuracy() -> None:
+    from cxr_model.evaluate import called_pneumonia, minimax_threshold
+
+    y, p, stressed = _shifted_normals(2)
+    copies = [p, *stressed.values()]
+
+    def worst(t):
+        return min((called_pneumonia(c, t)[y == 1].mean() + (~called_pneumonia(c, t)[y == 0]).mean()) / 2
+                   for c in copies)
+
+    grid = _sigmoid(np.linspace(-8, 8, 4001))
+    best = max(worst(t) for t in grid)
+    t = minimax_threshold(y, copies, tolerance=0.0)
+    assert worst(t) == pytest.approx(best)
+    # pooled margin answers to the mild stresses too; the strongest shift costs it more than it costs minimax
+    assert worst(t) > worst(choose_threshold(y, p, "stressed_margin", list(stressed.values())))
