@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_model.preprocess import decode_file
+from cxr_model.preprocess import DECODER_VERSION, decode_file
 
 
 def content_digest(manifest: pd.DataFrame) -> str:
@@ -35,8 +35,11 @@ class DecodedImages:
 
 
 def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> DecodedImages:
-    """Open the cache of `manifest` at `size`, decoding every image first on a cache miss."""
-    stem = Path(cache_dir) / f"{content_digest(manifest)}-{size}"
+    """Open the cache of `manifest` at `size`, decoding every image first on a cache miss.
+
+    Keyed by the images' contents, the size and `DECODER_VERSION`, so a decoder change never reads old arrays.
+    """
+    stem = Path(cache_dir) / f"{content_digest(manifest)}-{size}-d{DECODER_VERSION}"
     array_path, keys_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (array_path.exists() and keys_path.exists()):
         unique = manifest.drop_duplicates("sha256").sort_values("sha256")

@@ -22,24 +22,33 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image, or the image breaks a limit."""
 
 
-def _full_scale(mode: str, arr: np.ndarray) -> float:
-    """The value that maps to white: 65535 for 16-bit files; 'I'/'F' images have no fixed range."""
-    if mode.startswith("I;16"):
-        return 65535.0
+# Bumped whenever a file's decoded pixels change, so that the decode cache (`cxr_model.cache`) does not hand out
+# arrays from the old decoder. 2: 16-bit containers scaled by their significant bits, not always by 65535.
+DECODER_VERSION = 2
+
+
+def _full_scale(mode: str, arr: np.ndarray) -> int | float:
+    """The value that maps to white.
+
+    A 16-bit container ('I;16*', or 'I' with values up to 65535) often holds fewer significant bits: a 12-bit
+    detector's export stores 0..4095, which divided by 65535 would leave 16 grey levels. The full scale is the
+    smallest 2**b - 1 (b >= 8) that holds the brightest pixel, so 12-bit data spans 0..255 and 16-bit data is
+    divided by 65535 as before. For a scan that is standardized per image anyway, only the grey levels kept
+    matter, not the brightness this implies. Wider 'I' and float ('F') images have no fixed range: their peak.
+    """
     peak = float(arr.max()) if arr.size else 0.0
-    if mode == "I" and peak <= 255:
-        return 255.0
-    if mode == "I" and peak <= 65535:
-        return 65535.0
+    if mode.startswith("I;16") or (mode == "I" and peak <= 65535):
+        return 2 ** max(8, int(max(peak, 0)).bit_length()) - 1
     return max(peak, 1e-12)
 
 
 def _to_grayscale(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit 'L' without losing the 16-bit range or compositing artefacts."""
     if img.mode.startswith("I;16"):
-        # round(x / 257) in integers: the same values as the float path below, without a float64 copy of the scan
+        # round(x * 255 / full) in integers: the same values as the float path below, without a float64 copy
         arr = np.asarray(img).astype(np.uint32)
-        return Image.fromarray(((arr + 128) // 257).astype(np.uint8))
+        full = _full_scale(img.mode, arr)
+        return Image.fromarray(((arr * 255 + full // 2) // full).astype(np.uint8))
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(arr / _full_scale(img.mode, arr) * 255.0), 0, 255).astype(np.uint8))

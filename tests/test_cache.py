@@ -32,3 +32,14 @@ def test_cache_key_depends_on_size_and_content(synthetic_dataset: Path, tmp_path
     cache.decoded_images(manifest, 24, tmp_path)
     cache.decoded_images(manifest.iloc[:4], 16, tmp_path)
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_a_new_decoder_version_decodes_again(synthetic_dataset: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = index_dataset(synthetic_dataset).manifest
+    cache.decoded_images(manifest, 16, tmp_path)
+    decoded = []
+    monkeypatch.setattr(cache, "decode_file", lambda path, size: decoded.append(path) or np.zeros((size, size, 1)))
+    monkeypatch.setattr(cache, "DECODER_VERSION", cache.DECODER_VERSION + 1)
+    cache.decoded_images(manifest, 16, tmp_path)
+    assert len(decoded) == manifest["sha256"].nunique()  # the old arrays were not read

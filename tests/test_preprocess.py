@@ -109,6 +109,22 @@ def test_sixteen_bit_rounding_matches_the_float_formula_for_every_value() -> Non
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_fewer_significant_bits_in_a_sixteen_bit_file_keep_their_grey_levels(bits: int) -> None:
+    full = 2**bits - 1
+    values = np.linspace(0, full, 128 * 128).round().astype(np.uint16).reshape(128, 128)  # the detector's range
+    data = encode(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    out = decode_image(data, 128)[:, :, 0]  # square at its own size: no resize, the decoder's mapping alone
+    np.testing.assert_array_equal(out, np.rint(values.astype(np.float64) * 255 / full).astype(np.uint8))
+    assert len(np.unique(out)) == 256  # divided by 65535 instead, 12-bit data keeps 16 grey levels
+
+
+def test_eight_bit_values_in_a_sixteen_bit_file_are_not_black() -> None:
+    arr = gradient()
+    np.testing.assert_array_equal(decode_image(encode(Image.fromarray(arr.astype(np.uint16))), SIZE)[:, :, 0], arr)
+
+
 def test_one_bit_image_is_black_and_white() -> None:
     arr = np.zeros((SIZE, SIZE), bool)
     arr[:, SIZE // 2 :] = True

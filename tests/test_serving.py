@@ -177,6 +177,11 @@ def test_a_blank_image_is_refused_and_named() -> None:
     faint = np.full((64, 64), 120, np.uint8)
     faint[::2] = 125  # a faint film still passes: sd 2.5
     assert decode_request_rows([b64(png(Image.fromarray(faint, "L")))], 64).shape == (1, 64, 64, 1)
+    # a 12-bit film in a 16-bit PNG, of narrow latitude (1800..2300 of 4095): scaled as 16-bit data, its grey
+    # levels would span 7..9 and it would be refused as blank
+    film = np.linspace(1800, 2300, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    (twelve_bit,) = decode_request_rows([b64(png(Image.fromarray(film)))], 64)
+    assert twelve_bit.std() > 5
     assert decode_request_rows([], 16).shape == (0, 16, 16, 1)
 
 
