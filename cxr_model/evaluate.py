@@ -11,9 +11,9 @@ from cxr_model.config import CLEAN_RULES, STRESSED_RULES, THRESHOLD_RULES
 
 ALIASES = {"balanced_accuracy": "youden"}  # the same optimum under the name some readers know it by
 
-__all__ = ["CLEAN_RULES", "STRESSED_RULES", "THRESHOLD_RULES", "binary_metrics", "choose_threshold",
-           "classification_report", "cross_fit_rules", "cross_fit_stressed", "margin_threshold", "minimax_threshold",
-           "STRESS_CV_RULES"]
+__all__ = ["CLEAN_RULES", "STRESSED_RULES", "THRESHOLD_RULES", "binary_metrics", "calibration_bins",
+           "choose_threshold", "classification_report", "cross_fit_rules", "cross_fit_stressed",
+           "expected_calibration_error", "margin_threshold", "minimax_threshold", "STRESS_CV_RULES"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -201,8 +201,35 @@ def cross_fit_stressed(
                 "clean_balanced_accuracy": float(np.mean(v["clean"]))} for r, v in rows.items()}
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration_bins(y_true: np.ndarray, y_prob: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict[str, float]]:
+    """The reliability table: the scores cut into `bins` equal-width bins over [0, 1] (the last one closed).
+
+    One row per bin that holds a score: its edges, how many scores it holds, their mean, and the fraction of
+    those images that are PNEUMONIA. A calibrated score has mean score = fraction in every bin.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    index = np.clip(np.floor(p * bins), 0, bins - 1).astype(int)  # bin b holds [b / bins, (b + 1) / bins)
+    return [dict(low=b / bins, high=(b + 1) / bins, count=int(inside.sum()),
+                 mean_score=float(p[inside].mean()), fraction_pneumonia=float(y_true[inside].mean()))
+            for b in range(bins) if (inside := index == b).any()]
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """ECE: over the bins of `calibration_bins`, the gap |mean score - fraction PNEUMONIA| weighted by the share
+    of images in the bin (Naeini et al. 2015; Guo et al. 2017). 0 is calibrated; NaN without images."""
+    rows, n = calibration_bins(y_true, y_prob, bins), len(np.ravel(y_prob))
+    if not n:
+        return float("nan")
+    return float(sum(r["count"] / n * abs(r["mean_score"] - r["fraction_pneumonia"]) for r in rows))
+
+
 def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:
-    """Accuracy, precision, sensitivity, specificity, F1, ROC AUC and PR AUC at `threshold`."""
+    """Accuracy, precision, sensitivity, specificity, F1, ROC AUC and PR AUC at `threshold`; and how far the
+    score is from a probability: the Brier score (mean squared error against the label) and the ECE."""
     y_true = np.asarray(y_true).astype(int)
     y_pred = called_pneumonia(y_prob, threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
@@ -215,6 +242,9 @@ def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> 
         "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
         "roc_auc": float(skm.roc_auc_score(y_true, y_prob)) if both else float("nan"),
         "pr_auc": float(skm.average_precision_score(y_true, y_prob)) if both else float("nan"),
+        "brier": float(np.mean((np.asarray(y_prob, dtype=np.float64).ravel() - y_true) ** 2))
+        if len(y_true) else float("nan"),
+        "ece": expected_calibration_error(y_true, y_prob),
         "threshold": float(threshold),
     }
 

@@ -14,7 +14,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from cxr_model.data import CLASSES  # noqa: E402
-from cxr_model.evaluate import called_pneumonia  # noqa: E402
+from cxr_model.evaluate import (  # noqa: E402
+    CALIBRATION_BINS,
+    calibration_bins,
+    called_pneumonia,
+    expected_calibration_error,
+)
 
 
 def class_counts(manifest: pd.DataFrame) -> Figure:
@@ -81,6 +86,34 @@ def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
     ax.legend(loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float,
+                bins: int = CALIBRATION_BINS) -> Figure:
+    """Reliability diagram of several splits, {name: (y_true, y_prob)}: per score bin, the fraction of PNEUMONIA
+    against the mean score (on the diagonal where the score is a probability), and below it how the scores
+    spread over the bins, with the run's threshold on both."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.8), sharex=True, height_ratios=(3, 1.4),
+                                      layout="constrained")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    top.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    for name, (y_true, y_prob) in curves.items():
+        if not len(y_prob):
+            continue
+        rows = calibration_bins(y_true, y_prob, bins)
+        brier = float(np.mean((np.asarray(y_prob, dtype=np.float64).ravel() - np.asarray(y_true)) ** 2))
+        line, = top.plot([r["mean_score"] for r in rows], [r["fraction_pneumonia"] for r in rows], "-o", markersize=4,
+                         label=f"{name} (ECE {expected_calibration_error(y_true, y_prob, bins):.3f}, "
+                               f"Brier {brier:.3f})")
+        bottom.hist(np.ravel(y_prob), bins=edges, histtype="step", color=line.get_color(), label=name)
+    for ax in (top, bottom):
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    top.set(ylabel="fraction PNEUMONIA", title=f"Calibration (threshold {threshold:.3f}, dashed)", xlim=(0, 1),
+            ylim=(0, 1))
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set(xlabel="score (probability of PNEUMONIA)", ylabel="images", yscale="log")
     return fig
 
 

@@ -46,7 +46,7 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: d
                      stressed_rules: dict[str, dict[str, float]] | None = None) -> str:
     rows = "\n".join(
         f"| {name} | {result.val.get(name, float('nan')):.4f} | {result.test[name]:.4f} |"
-        for name in ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
+        for name in ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "brier", "ece")
     )
     stress_rows = "".join(f"| {name} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.4f} |\n"
                           for name, m in result.val_stressed.items())
@@ -71,6 +71,8 @@ def summary_markdown(cfg: TrainConfig, result: Evaluation, report: str, rules: d
         "the test split was read once, after every choice was fixed. Probabilities are averaged over "
         f"{len(cfg.views)} test-time view(s) (`{cfg.tta}`).\n\n"
         f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
+        "Brier score and ECE (expected calibration error, 10 equal-width bins) say how far the score is from a "
+        "probability; lower is better, and the decision uses the threshold, not 0.5 (`plots/calibration.png`).\n\n"
         "How each threshold rule carries over within validation (pick on one half, score the other, "
         f"{2 * CROSS_FIT_REPEATS} fits):\n\n"
         "| rule | held-out balanced accuracy | threshold sd (logit) |\n|---|---|---|\n"
@@ -135,6 +137,8 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
             "plots/confusion_val.png": plots.confusion(y_val, p_val, threshold, "Validation"),
             "plots/confusion_test.png": plots.confusion(y_test, p_test, threshold, "Test"),
             "plots/roc.png": plots.roc({"validation": (y_val, p_val), "test": (y_test, p_test)}),
+            "plots/calibration.png": plots.calibration({"validation": (y_val, p_val), "test": (y_test, p_test)},
+                                                       threshold),
         }
         pngs = {name: log_figure(fig, name) for name, fig in figures.items()}
         mlflow.log_text(report, "evaluation/classification_report.txt")

@@ -27,6 +27,38 @@ def test_metrics_match_hand_counts() -> None:
     assert 0.5 < m["roc_auc"] < 1.0 and 0.5 < m["pr_auc"] <= 1.0
 
 
+def test_calibration_matches_hand_counts() -> None:
+    from cxr_model.evaluate import calibration_bins, expected_calibration_error
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.7, 0.3, 0.8, 0.9, 0.4, 0.6, 0.95, 0.85])
+    # in fifths: [0, .2) 0.1 | [.2, .4) 0.2 0.3 | [.4, .6) 0.4 | [.6, .8) 0.7 0.6 | [.8, 1] 0.8 0.9 0.95 0.85
+    rows = calibration_bins(y, p, bins=5)
+    assert [r["count"] for r in rows] == [1, 2, 1, 2, 4]
+    assert [r["fraction_pneumonia"] for r in rows] == [0.0, 0.0, 1.0, 0.5, 1.0]
+    assert [r["mean_score"] for r in rows] == pytest.approx([0.1, 0.25, 0.4, 0.65, 0.875])
+    gaps = [0.1, 0.25, 0.6, 0.15, 0.125]
+    assert expected_calibration_error(y, p, bins=5) == pytest.approx(
+        sum(n / 10 * g for n, g in zip([1, 2, 1, 2, 4], gaps, strict=True)))
+    assert calibration_bins([1], [1.0], bins=5)[0]["low"] == 0.8  # a score of exactly 1 is in the last bin
+    m = binary_metrics(y, p, 0.5)
+    assert m["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    assert m["ece"] == pytest.approx(expected_calibration_error(y, p))
+    assert binary_metrics(y, y.astype(float), 0.5)["ece"] == 0.0 and binary_metrics(y, y.astype(float), 0.5)["brier"] == 0
+    assert np.isnan(expected_calibration_error([], []))
+
+
+def test_calibration_figure_draws_each_split() -> None:
+    from cxr_model import plots
+
+    y = np.array([0, 0, 1, 1, 1])
+    fig = plots.calibration({"validation": (y, np.array([0.1, 0.3, 0.7, 0.8, 0.9])), "test": (y[:0], np.array([]))},
+                            threshold=0.5)
+    top, bottom = fig.axes
+    assert [line.get_label() for line in top.get_lines()][:2] == ["calibrated", "validation (ECE 0.200, Brier 0.048)"]
+    assert len(bottom.patches) == 1  # one histogram: the empty split is left out
+
+
 def test_youden_threshold_separates_separable_scores() -> None:
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.05, 0.2, 0.3, 0.6, 0.7, 0.9])

@@ -17,8 +17,8 @@ from tests.conftest import REPO, FlowRun, run_cxr_train
 pytestmark = pytest.mark.integration
 
 PLOTS = {"class_counts", "sample_images", "augmentations", "learning_curves", "learning_curves_member2",
-         "confusion_val", "confusion_test", "roc", "gradcam_test"}
-TEST_METRICS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc"}
+         "confusion_val", "confusion_test", "roc", "calibration", "gradcam_test"}
+TEST_METRICS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "brier", "ece"}
 
 
 def _runs(client: MlflowClient, role: str):
