@@ -16,6 +16,7 @@ from sklearn import metrics as skm  # noqa: E402
 from cxr_model.data import CLASSES  # noqa: E402
 from cxr_model.evaluate import (  # noqa: E402
     CALIBRATION_BINS,
+    brier_score,
     calibration_bins,
     called_pneumonia,
     expected_calibration_error,
@@ -102,10 +103,9 @@ def calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: flo
         if not len(y_prob):
             continue
         rows = calibration_bins(y_true, y_prob, bins)
-        brier = float(np.mean((np.asarray(y_prob, dtype=np.float64).ravel() - np.asarray(y_true)) ** 2))
         line, = top.plot([r["mean_score"] for r in rows], [r["fraction_pneumonia"] for r in rows], "-o", markersize=4,
                          label=f"{name} (ECE {expected_calibration_error(y_true, y_prob, bins):.3f}, "
-                               f"Brier {brier:.3f})")
+                               f"Brier {brier_score(y_true, y_prob):.3f})")
         bottom.hist(np.ravel(y_prob), bins=edges, histtype="step", color=line.get_color(), label=name)
     for ax in (top, bottom):
         ax.axvline(threshold, color="black", linestyle="--", linewidth=0.8)

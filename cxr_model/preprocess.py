@@ -33,8 +33,10 @@ def _full_scale(mode: str, arr: np.ndarray) -> int | float:
     A 16-bit container ('I;16*', or 'I' with values up to 65535) often holds fewer significant bits: a 12-bit
     detector's export stores 0..4095, which divided by 65535 would leave 16 grey levels. The full scale is the
     smallest 2**b - 1 (b >= 8) that holds the brightest pixel, so 12-bit data spans 0..255 and 16-bit data is
-    divided by 65535 as before. For a scan that is standardized per image anyway, only the grey levels kept
-    matter, not the brightness this implies. Wider 'I' and float ('F') images have no fixed range: their peak.
+    divided by 65535 as before. The model standardizes each image (`--intensity standardize`, the default, or
+    `equalize`), so only the grey levels kept matter, not the brightness this implies; under `--intensity
+    rescale` a film whose brightest pixel crosses a power of two reads half as bright, and one hot pixel at
+    65535 scales a 12-bit film as 16-bit data. Wider 'I' and float ('F') images have no fixed range: their peak.
     """
     peak = float(arr.max()) if arr.size else 0.0
     if mode.startswith("I;16") or (mode == "I" and peak <= 65535):

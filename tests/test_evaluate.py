@@ -44,8 +44,13 @@ def test_calibration_matches_hand_counts() -> None:
     m = binary_metrics(y, p, 0.5)
     assert m["brier"] == pytest.approx(np.mean((p - y) ** 2))
     assert m["ece"] == pytest.approx(expected_calibration_error(y, p))
-    assert binary_metrics(y, y.astype(float), 0.5)["ece"] == 0.0 and binary_metrics(y, y.astype(float), 0.5)["brier"] == 0
+    perfect = binary_metrics(y, y.astype(float), 0.5)
+    assert perfect["ece"] == 0.0 and perfect["brier"] == 0.0
     assert np.isnan(expected_calibration_error([], []))
+    with pytest.raises(ValueError, match="NaN"):
+        expected_calibration_error([0, 1, 1], [0.0, np.nan, 1.0])
+    # labels shaped (N, 1), as Keras gives them, score as (N,)
+    assert binary_metrics(y[:, None], p, 0.5)["brier"] == pytest.approx(m["brier"])
 
 
 def test_calibration_figure_draws_each_split() -> None:
@@ -216,6 +221,10 @@ def test_minimax_threshold_holds_the_worst_copy_best_and_sits_mid_plateau() -> N
     assert choose_threshold(y, clean, "stressed_minimax", [stressed]) == pytest.approx(t)
     with pytest.raises(ValueError, match="NaN"):
         minimax_threshold(y, [np.array([0.1, np.nan, 0.8, 0.9])])
+    with pytest.raises(ValueError, match="both classes"):
+        minimax_threshold(np.ones(4), [clean])
+    with pytest.raises(ValueError, match="one score per label"):
+        minimax_threshold(y, [clean[:3]])
 
 
 def test_minimax_threshold_maximises_the_worst_balanced_accuracy() -> None:

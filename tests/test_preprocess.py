@@ -120,6 +120,24 @@ def test_fewer_significant_bits_in_a_sixteen_bit_file_keep_their_grey_levels(bit
     assert len(np.unique(out)) == 256  # divided by 65535 instead, 12-bit data keeps 16 grey levels
 
 
+@pytest.mark.parametrize(("peak", "full"), [(3000, 4095), (4096, 8191), (1023, 1023), (65535, 65535)])
+def test_the_full_scale_is_the_smallest_bit_depth_that_holds_the_brightest_pixel(peak: int, full: int) -> None:
+    """Not the brightest pixel itself: a 12-bit film whose brightest pixel is 3000 keeps 3000 / 4095 of white."""
+    values = np.linspace(0, peak, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    expected = np.rint(values.astype(np.float64) * 255 / full).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(encode(Image.fromarray(values)), 64)[:, :, 0], expected)
+    # the same data in a 32-bit integer TIFF (mode 'I') takes the float path to the same pixels
+    wide = Image.fromarray(values.astype(np.int32))
+    assert wide.mode == "I"
+    np.testing.assert_array_equal(decode_image(encode(wide, "TIFF"), 64)[:, :, 0], expected)
+
+
+def test_a_wider_integer_image_is_scaled_by_its_peak_and_negatives_are_black() -> None:
+    values = np.linspace(-1000, 200_000, 64 * 64).reshape(64, 64).astype(np.int32)
+    out = decode_image(encode(Image.fromarray(values), "TIFF"), 64)[:, :, 0]
+    np.testing.assert_array_equal(out, np.clip(np.rint(values / 200_000 * 255), 0, 255).astype(np.uint8))
+
+
 def test_eight_bit_values_in_a_sixteen_bit_file_are_not_black() -> None:
     arr = gradient()
     np.testing.assert_array_equal(decode_image(encode(Image.fromarray(arr.astype(np.uint16))), SIZE)[:, :, 0], arr)
