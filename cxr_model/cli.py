@@ -119,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     check_layout(cfg.resolved_data_dir())  # train/ and test/, NORMAL/ and PNEUMONIA/ in each; no image read
     check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
     check_prefect_server()
+    check_search_role()
     if args.result_json and not args.result_json.parent.is_dir():
         raise DataConfigError(f"--result-json: folder {args.result_json.parent} does not exist")
 
@@ -191,10 +192,52 @@ def _root_cause(exc: BaseException) -> str:
     return str(reason if isinstance(reason, BaseException | str) else exc)
 
 
+def check_search_role() -> None:
+    """`cxr train` runs a search in its own process or as a distributed search's chief, never as a worker; a chief
+    must be able to listen on its address. DataConfigError otherwise, before the flow starts."""
+    from cxr_model.distributed import TUNER_ID, check_can_serve, search_role
+
+    role = search_role()
+    if role is not None and role.role == "worker":
+        raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: run "
+                              f"`cxr search-worker` there, and `cxr train` with {TUNER_ID}=chief on the chief")
+    if role is not None:
+        check_can_serve(role)
+
+
+def _add_search_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search-worker", help="run trials of a distributed search for a `cxr train` chief",
+        description="Ask the chief's Keras-Tuner oracle for trials and train them until it has no more. Set "
+                    "KERASTUNER_TUNER_ID (a name per worker, e.g. tuner0), KERASTUNER_ORACLE_IP (the chief's "
+                    "address) and KERASTUNER_ORACLE_PORT, and the chief's MLFLOW_TRACKING_URI: the settings come "
+                    "from the chief's run, and each trial is logged as a nested run of it.")
+    p.add_argument("--data-dir", type=Path, help="this machine's copy of the dataset (or set CXR_DATA_DIR)")
+    p.add_argument("--work-dir", type=Path, help="decode cache and trial state (or set CXR_WORK_DIR; default ./work)")
+    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    p.add_argument("--run-id", help="the chief's MLflow run (default: the running flow that serves on the port)")
+    p.add_argument("--wait-minutes", type=float, default=10.0,
+                   help="how long to wait for the chief's run to start serving (default: %(default)s)")
+    p.set_defaults(func=_search_worker)
+
+
+def _search_worker(args: argparse.Namespace) -> int:
+    from cxr_model.distributed import worker_role
+
+    worker_role()  # the settings, before TensorFlow loads
+    check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    from tasks.search import search_worker
+
+    result = search_worker(args.data_dir, args.work_dir, args.threads, args.run_id, args.wait_minutes * 60)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia detection on chest X-rays, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_search_worker(sub)
     from cxr_model import predict_cli
 
     predict_cli.add_parser(sub)

@@ -37,7 +37,9 @@ def train_flow(cfg: TrainConfig) -> dict:
 
     with mlflow.start_run(run_name=f"{cfg.profile}-{cfg.tuner}", tags=tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params({f"cfg/{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        settings = cfg.model_dump(mode="json")
+        mlflow.log_params({f"cfg/{k}": v for k, v in settings.items()})
+        mlflow.log_dict(settings, "config.json")  # the whole config, typed: what a search worker reads back
         data = timed("load", load_data, cfg, run_id)
         timed("visualize", visualize, cfg, data, run_id)
         top_hparams = timed("search", search, cfg, data, run_id)  # the best cfg.top_trials trials, best first

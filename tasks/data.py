@@ -54,15 +54,24 @@ def _log_split_inputs(manifest: pd.DataFrame, source: str, digest: str) -> None:
         mlflow.log_input(dataset, context=split)
 
 
+def index_and_split(cfg: TrainConfig):
+    """(the index, the manifest, its digest): the folder indexed, split by patient and capped as `cfg` says.
+
+    Deterministic for the same files and settings, wherever the folder is mounted, so a search worker rebuilds
+    the chief's manifest from its own copy and checks the digest.
+    """
+    indexed = index_dataset(cfg.resolved_data_dir())
+    manifest = split_by_patient(indexed.manifest, cfg.val_fraction, cfg.seed)
+    if cfg.max_per_class:
+        manifest = cap_per_class(manifest, cfg.max_per_class, cfg.seed)
+    return indexed, manifest, manifest_digest(manifest)
+
+
 @task(name="load-data", cache_policy=NONE)
 def load_data(cfg: TrainConfig, run_id: str) -> DataHandle:
     """Index, split and cache the dataset; log counts, skipped files, duplicates and the manifest."""
     root = cfg.resolved_data_dir()
-    indexed = index_dataset(root)
-    manifest = split_by_patient(indexed.manifest, cfg.val_fraction, cfg.seed)
-    if cfg.max_per_class:
-        manifest = cap_per_class(manifest, cfg.max_per_class, cfg.seed)
-    digest = manifest_digest(manifest)
+    indexed, manifest, digest = index_and_split(cfg)
     dupes = cross_split_duplicates(manifest)
     decoded_images(manifest, cfg.image_size, cfg.cache_dir)  # decode once; every later task hits the cache
 

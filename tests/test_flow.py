@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from cxr_model.config import TrainConfig, load_config
 from cxr_model.stress import STRESSES
 from tests.conftest import REPO, FlowRun, run_cxr_train
 
@@ -44,6 +45,10 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     # params: config, data counts, best hyperparameters, final model
     params = parent.data.params
     assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
+    # the whole config, typed, as a search worker reads it back
+    config = TrainConfig.model_validate(mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/config.json"))
+    assert config.profile == "smoke" and config.image_size == 64 and config.search_space_params() == load_config(
+        "smoke").search_space_params()
     assert int(params["data/train_normal"]) > 0 and int(params["data/test_pneumonia"]) == 16
     assert {"best/blocks", "best/dropout", "best/learning_rate", "model/flops_per_image"} <= set(params)
     assert int(params["model/parameters"]) > 0

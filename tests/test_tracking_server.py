@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from cxr_model.model_server import start_tracking_server, stop_model_server
+from cxr_model.distributed import PORT_TAG
+from cxr_model.model_server import free_port, start_tracking_server, stop_model_server
 from tests.conftest import run_cxr_train
 
 
@@ -52,3 +57,56 @@ def test_the_flow_tracks_registers_and_serves_through_a_tracking_server(
     image = next((real_subset / "test" / "NORMAL").glob("*.jpeg")).read_bytes()
     out = model.predict(pd.DataFrame({"image": [base64.b64encode(image).decode("ascii")]}))
     assert out.shape == (1, 3) and 0.0 <= float(out["probability"].iloc[0]) <= 1.0
+
+
+@pytest.mark.integration
+def test_a_distributed_search_chief_and_two_workers_share_one_run(
+        tracking_server: tuple[str, Path], real_subset: Path, tmp_path: Path) -> None:
+    """`cxr train` as Keras-Tuner's chief, two `cxr search-worker` processes, one tracking server: the workers
+    find the chief's run, run every trial between them over gRPC, and log each as a nested run of it."""
+    from mlflow import MlflowClient
+
+    url, _ = tracking_server
+    port = free_port()
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}
+    workers = {}
+    for tuner_id in ("tuner0", "tuner1"):
+        cwd = tmp_path / tuner_id
+        cwd.mkdir()
+        env = {**os.environ, **oracle, "KERASTUNER_TUNER_ID": tuner_id, "MLFLOW_TRACKING_URI": url,
+               "CXR_WORK_DIR": str(cwd / "work"), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "cxr_model.cli", "search-worker", "--data-dir", str(real_subset),
+               "--wait-minutes", "10", "--threads", "1"]
+        workers[tuner_id] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)
+    try:
+        flow = run_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3", "--model-name", "cxr-distributed",
+                             env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"}, tracking_uri=url)
+        outputs = {tuner_id: proc.communicate(timeout=300) for tuner_id, proc in workers.items()}
+    finally:
+        for proc in workers.values():
+            proc.kill()
+    ran = {}
+    for tuner_id, (stdout, stderr) in outputs.items():
+        assert workers[tuner_id].returncode == 0, stderr[-4000:]
+        report = json.loads(stdout.strip().splitlines()[-1])
+        assert report["run_id"] == flow.result["run_id"] and report["tuner_id"] == tuner_id
+        ran.update({trial: tuner_id for trial in report["trials"]})
+        assert not (tmp_path / tuner_id / "mlflow.db").exists()  # everything went to the server
+    assert sorted(ran) == ["0", "1", "2"]  # every trial ran once, on one worker or the other
+
+    client = MlflowClient(url)
+    run_id = flow.result["run_id"]
+    parent = client.get_run(run_id)
+    assert parent.data.metrics["search/completed_trials"] == 3
+    assert parent.data.tags["cxr.search_oracle"] == f"127.0.0.1:{port}"
+    assert PORT_TAG not in parent.data.tags  # no longer serving: a late worker does not join a finished search
+    assert client.get_model_version_by_alias("cxr-distributed", "champion").version == flow.result["registered"][
+        "version"]
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                                "tags.`cxr.role` = 'trial'")
+    assert {t.data.tags["trial_id"]: t.data.tags["tuner_id"] for t in trials} == ran
+    assert all(t.data.metrics["val/auc"] > 0 for t in trials)  # the epochs the workers trained, logged live
+    best = parent.data.params["search/top_trial_ids"].split(",")[0]
+    assert parent.data.params["best/filters"] == next(t for t in trials if t.data.tags["trial_id"] == best).data.params[
+        "filters"]

@@ -1,0 +1,98 @@
+"""Keras-Tuner's distributed search, configured as Keras-Tuner configures it: three environment variables.
+
+A chief process runs the oracle (it picks each trial's hyperparameters and keeps the results); workers ask it
+for trials over gRPC and train them. In this project the chief is `cxr train` (the whole flow: its search
+task serves the oracle and then trains the best trials' networks) and a worker is `cxr search-worker`.
+
+    KERASTUNER_TUNER_ID     "chief" on the chief; a distinct name per worker ("tuner0", "tuner1", ...)
+    KERASTUNER_ORACLE_IP    on the chief: the address to listen on (0.0.0.0: every interface); on a worker: the
+                            chief's address
+    KERASTUNER_ORACLE_PORT  the same port on both
+
+None set: the search runs in the flow's own process, as before. No TensorFlow or Keras import here, so the CLI
+can check the settings before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from cxr_model.config import DataConfigError
+
+TUNER_ID, ORACLE_IP, ORACLE_PORT = "KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"
+# The chief's run carries this tag (the oracle's port) while it serves, so a worker can find the run it serves.
+PORT_TAG = "cxr.search_oracle_port"
+
+
+@dataclass(frozen=True)
+class SearchRole:
+    role: Literal["chief", "worker"]
+    tuner_id: str
+    ip: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+def search_role(environ: dict | None = None) -> SearchRole | None:
+    """This process's part in a distributed search, from the environment; None for a search in one process.
+
+    DataConfigError for an incomplete or malformed setting (Keras-Tuner would raise later, mid-flow, or not at
+    all for a port that is not a number).
+    """
+    env = os.environ if environ is None else environ
+    ip = env.get(ORACLE_IP)
+    if not ip:
+        others = [name for name in (TUNER_ID, ORACLE_PORT) if env.get(name)]
+        if others:
+            raise DataConfigError(f"{' and '.join(others)} set without {ORACLE_IP}: set all three of {TUNER_ID}, "
+                                  f"{ORACLE_IP} and {ORACLE_PORT} for a distributed search, or none")
+        return None
+    missing = [name for name in (TUNER_ID, ORACLE_PORT) if not env.get(name)]
+    if missing:
+        raise DataConfigError(f"{ORACLE_IP}={ip} is set but {' and '.join(missing)} not: a distributed search needs "
+                              f"all three of {TUNER_ID}, {ORACLE_IP} and {ORACLE_PORT}")
+    raw_port, tuner_id = env[ORACLE_PORT], env[TUNER_ID]
+    try:
+        port = int(raw_port)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise DataConfigError(f"{ORACLE_PORT}={raw_port!r} is not a port number (1-65535)")
+    # Keras-Tuner's own test: a tuner id containing "chief" is the chief
+    return SearchRole("chief" if "chief" in tuner_id else "worker", tuner_id, ip, port)
+
+
+def worker_role(environ: dict | None = None) -> SearchRole:
+    """This process's role as a search worker; DataConfigError naming the settings if it is not one."""
+    role = search_role(environ)
+    if role is None or role.role != "worker":
+        raise DataConfigError(f"a search worker needs {TUNER_ID} (a name per worker without 'chief', e.g. tuner0), "
+                              f"{ORACLE_IP} (the chief's address) and {ORACLE_PORT}"
+                              + (f"; {TUNER_ID}={role.tuner_id} is the chief's" if role is not None else ""))
+    return role
+
+
+def check_can_serve(role: SearchRole) -> None:
+    """DataConfigError if the chief could not listen on its address (port taken, address not this host's)."""
+    family = socket.AF_INET6 if ":" in role.ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            sock.bind((role.ip, role.port))
+        except OSError as exc:
+            raise DataConfigError(f"the search chief cannot listen on {role.address} ({ORACLE_IP}, {ORACLE_PORT}): "
+                                  f"{exc.strerror or exc}") from None
+
+
+def worker_instructions(role: SearchRole, run_id: str) -> str:
+    """What to run on each worker machine, printed by the chief when it starts serving."""
+    host = role.ip if role.ip not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
+    return (f"Search chief: serving the Keras-Tuner oracle on {role.address} for run {run_id}; it waits until "
+            f"workers have run every trial. On each worker (same data, same MLFLOW_TRACKING_URI): "
+            f"{TUNER_ID}=tuner0 {ORACLE_IP}={host} {ORACLE_PORT}={role.port} cxr search-worker --data-dir DIR")
