@@ -1,7 +1,8 @@
 """The served model: an MLflow pyfunc around the Keras model, base64 image files in, probabilities out.
 
 A request is one string column `image`, one base64-encoded image file per row (JPEG, PNG or anything
-Pillow reads, any size and mode); each row is decoded by `decode_image`, the decoder training uses. A batch
+Pillow reads, any size and mode); each row is decoded by `decode_image`, the decoder training uses, and a blank
+frame or a colour image is refused (`check_not_blank`, `check_not_colour`). A batch
 is scored whole or not at all: if any row is bad, the request fails with HTTP 400, the message names every
 bad row and its problem, and the good rows are not scored (send them again without the bad ones; the
 error body's `errors` list gives the bad row numbers, 0-based). `cxr predict` does exactly that.
@@ -27,7 +28,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from cxr_model.evaluate import called_pneumonia
-from cxr_model.preprocess import MAX_PIXELS, decode_image
+from cxr_model.preprocess import MAX_PIXELS, decode_image_and_colour
 from cxr_model.train import compile_forward
 
 INPUT_COLUMN = "image"
@@ -124,13 +125,27 @@ def check_not_blank(image: np.ndarray) -> None:
                          "so it was not scored")
 
 
+# The largest share of coloured pixels (`coloured_share`) a served image may have. A chest film is grey (every one
+# of the dataset's 5,840: 0); a red arrow or a coloured ruler on an export covers a few percent; a colour photograph
+# (matplotlib's sample portrait: 51 %) is no film, and the network would still give it a score.
+MAX_COLOURED_SHARE = 0.10
+
+
+def check_not_colour(share: float) -> None:
+    """ValueError for an image that is mostly colour (`MAX_COLOURED_SHARE`): not a radiograph."""
+    if share > MAX_COLOURED_SHARE:
+        raise ValueError(f"colour image: {share:.0%} of its pixels are coloured (a chest film is grey; annotations may "
+                         f"colour up to {MAX_COLOURED_SHARE:.0%}), so it was not scored")
+
+
 def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """(N, S, S, 1) uint8 from base64 image files; RequestError naming every bad row if any is bad (a file that is
     not a decodable image, or a blank one: `check_not_blank`)."""
     batch, errors = [], []
     for row, value in enumerate(values):
         try:
-            image = decode_image(decode_base64(value), image_size, max_pixels=max_pixels)
+            image, colour = decode_image_and_colour(decode_base64(value), image_size, max_pixels=max_pixels)
+            check_not_colour(colour)
             check_not_blank(image)
             batch.append(image)
         except ValueError as exc:  # ImageDecodeError is one

@@ -5,12 +5,20 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_model.preprocess import MAX_PIXELS, ImageDecodeError, decode_image
+from cxr_model.preprocess import (
+    COLOUR_CHROMA,
+    MAX_PIXELS,
+    ImageDecodeError,
+    coloured_share,
+    decode_image,
+    decode_image_and_colour,
+)
 
 SIZE = 32
 
@@ -237,3 +245,33 @@ def test_pixel_limit_is_a_parameter() -> None:
     with pytest.raises(ImageDecodeError, match="40x40 = 1,600 pixels, over the limit of 1,599"):
         decode_image(data, SIZE, max_pixels=1599)
     assert MAX_PIXELS < 8500 * 8500  # the header-only case above really is over the default limit
+
+
+@pytest.mark.parametrize(("img", "share"), [
+    (Image.new("L", (50, 40), 90), 0.0),
+    (Image.new("RGB", (50, 40), (90, 90, 90)), 0.0),  # a film stored as RGB, as the dataset's are
+    (Image.new("RGB", (50, 40), (90, 90, 90 + COLOUR_CHROMA)), 0.0),  # at the limit: not coloured
+    (Image.new("RGB", (50, 40), (90, 90, 91 + COLOUR_CHROMA)), 1.0),
+    (Image.new("RGB", (50, 40), (200, 30, 30)).convert("P"), 1.0),
+    (Image.new("CMYK", (50, 40), (255, 0, 0, 0)), 1.0),  # cyan
+    (Image.new("RGBA", (50, 40), (255, 0, 0, 0)), 0.0),  # transparent red: black, as decode_image composites it
+    (Image.new("RGBA", (50, 40), (255, 0, 0, 255)), 1.0),
+])
+def test_coloured_share_counts_pixels_whose_channels_differ(img: Image.Image, share: float) -> None:
+    assert coloured_share(img) == share
+
+
+def test_coloured_share_is_measured_on_the_decoded_image_and_grey_films_read_zero() -> None:
+    half = np.full((64, 128, 3), 100, np.uint8)
+    half[:, 64:] = (250, 40, 40)
+    _, share = decode_image_and_colour(encode(Image.fromarray(half, "RGB")), SIZE)
+    assert share == 0.5
+    gray, share = decode_image_and_colour(encode(Image.fromarray(half[:, :64], "RGB")), SIZE)
+    assert share == 0.0 and gray.shape == (SIZE, SIZE, 1)
+
+
+@pytest.mark.integration
+def test_every_real_film_in_the_subset_is_grey(real_subset: Path) -> None:
+    files = sorted(real_subset.rglob("*.jpeg"))
+    assert len(files) == 96
+    assert max(coloured_share(Image.open(f)) for f in files) == 0.0  # all 5,840: 0 too (the serving module's note)

@@ -158,8 +158,8 @@ def test_request_error_message_survives_the_scoring_servers_rewrite() -> None:
 
 
 def test_decode_request_rows_returns_a_model_batch() -> None:
-    colour = np.zeros((200, 300, 4), np.uint8)
-    colour[:, :150], colour[:, 150:] = (200, 10, 10, 255), (10, 200, 10, 255)  # opaque red | green
+    colour = np.full((200, 300, 4), (90, 90, 90, 255), np.uint8)  # a grey film with an opaque red | green band on
+    colour[:20, :150], colour[:20, 150:] = (200, 10, 10, 255), (10, 200, 10, 255)  # top: colour, under the limit
     batch = decode_request_rows([GOOD_IMAGE, b64(png(Image.fromarray(colour, "RGBA")))], 16)
     assert batch.shape == (2, 16, 16, 1) and batch.dtype == np.uint8
     assert abs(int(batch[0, 0, 0, 0]) - 90) <= 1 and batch[1, 0, 0, 0] == 67  # 0.299*200 + 0.587*10 + 0.114*10
@@ -183,6 +183,34 @@ def test_a_blank_image_is_refused_and_named() -> None:
     (twelve_bit,) = decode_request_rows([b64(png(Image.fromarray(film)))], 64)
     assert twelve_bit.std() > 5
     assert decode_request_rows([], 16).shape == (0, 16, 16, 1)
+
+
+def annotated_film(share: float) -> Image.Image:
+    """A grey film (RGB) with a red arrow shaft and a yellow label covering about `share` of it, as exports have."""
+    film = np.repeat(np.linspace(40, 220, 256, dtype=np.uint8)[None, :, None], 256, axis=0).repeat(3, axis=2)
+    rows = int(round(256 * share))  # two bands, each half the width
+    film[100:100 + rows, 20:148] = (230, 20, 20)  # the arrow: half the share
+    film[200:200 + rows, 120:248] = (240, 220, 0)  # the label's box: the other half
+    return Image.fromarray(film, "RGB")
+
+
+def test_a_colour_photograph_is_refused_and_an_annotated_film_is_not() -> None:
+    """A colour photograph is no radiograph, and the network would score it all the same; films are grey, and an
+    export's coloured arrow or label must not cost it its score."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as photo:  # a colour portrait matplotlib ships
+        portrait = b64(photo.read())
+    red = b64(jpeg(Image.new("RGB", (120, 100), (200, 30, 30))))
+    with pytest.raises(RequestError) as caught:
+        decode_request_rows([GOOD_IMAGE, portrait, b64(jpeg(annotated_film(0.05))), red], 32)
+    assert [e["row"] for e in caught.value.errors] == [1, 3]
+    assert caught.value.errors[0]["error"].startswith("colour image: 51% of its pixels are coloured")
+    assert "100% of its pixels" in caught.value.errors[1]["error"]
+    # an annotated film is scored: 5 % and 9 % coloured; at 12 % it is refused
+    assert decode_request_rows([b64(png(annotated_film(s))) for s in (0.05, 0.09)], 32).shape == (2, 32, 32, 1)
+    with pytest.raises(RequestError, match="colour image: 1[23]%"):
+        decode_request_rows([b64(png(annotated_film(0.12)))], 32)
 
 
 def test_pip_requirements_pin_what_the_model_imports() -> None:
