@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import mlflow
-from prefect import flow
+from prefect import flow, runtime
 
 from cxr_model.config import TrainConfig
 from cxr_model.train import configure_threads
@@ -18,6 +18,13 @@ from tasks.training import train_model
 from tasks.visualize import visualize
 
 
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run (and deployment, if any) behind this MLflow run, so each UI leads to the other."""
+    found = {"prefect.flow_run_id": runtime.flow_run.id, "prefect.flow_run_name": runtime.flow_run.name,
+             "prefect.deployment": runtime.deployment.name}
+    return {k: str(v) for k, v in found.items() if v}
+
+
 @flow(name="cxr-pneumonia-train", log_prints=True)
 def train_flow(cfg: TrainConfig) -> dict:
     """Run the whole workflow for one config; returns the run id, test metrics and the registered version.
@@ -26,7 +33,7 @@ def train_flow(cfg: TrainConfig) -> dict:
     """
     configure_threads(cfg.threads)  # in the flow, so the CLI and a deployment or worker that calls it get them alike
     mlflow.set_experiment(cfg.experiment_name)
-    tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline"}
+    tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline", **prefect_tags()}
     seconds: dict[str, float] = {}
 
     def timed(stage: str, task, *args):

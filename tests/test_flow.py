@@ -42,6 +42,7 @@ def test_parent_run_has_everything(smoke_flow: FlowRun) -> None:
     assert parent.data.tags["profile"] == "smoke"
     assert len(parent.data.tags["data_digest"]) == 16
     assert parent.data.tags["git_commit"]
+    assert len(parent.data.tags["prefect.flow_run_id"]) == 36 and "prefect.deployment" not in parent.data.tags
     # params: config, data counts, best hyperparameters, final model
     params = parent.data.params
     assert params["cfg/profile"] == "smoke" and params["cfg/image_size"] == "64"
