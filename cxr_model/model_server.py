@@ -25,15 +25,16 @@ def start_model_server(model_uri: str, log: Path, env: dict | None = None, cwd: 
                   cwd, timeout)
 
 
-def start_tracking_server(root: Path, log: Path, env: dict | None = None,
-                          timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on a free loopback port, its store and artifacts under `root`; returns once /health answers.
+def start_tracking_server(root: Path, log: Path, env: dict | None = None, timeout: float = 300,
+                          backend_store_uri: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free loopback port, artifacts under `root`; returns once /health answers.
 
-    Artifacts are proxied (`--artifacts-destination`): clients upload and download them over HTTP and need no
-    access to `root`, as with a remote server.
+    The runs and the registry live in `backend_store_uri` (e.g. `postgresql://...`), by default SQLite under
+    `root`. Artifacts are proxied (`--artifacts-destination`): clients upload and download them over HTTP and
+    need no access to `root`, as with a remote server.
     """
     root.mkdir(parents=True, exist_ok=True)
-    args = ["server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    args = ["server", "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     return _start(args, "/health", "tracking server", log, env, root, timeout)
 

@@ -1,4 +1,5 @@
-"""The flow against a real `mlflow server` process: every backend from configuration, nothing local-only."""
+"""The flow against a real `mlflow server` process on PostgreSQL: every backend from configuration, nothing
+local-only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import psycopg
 import pytest
 
 from cxr_model.distributed import PORT_TAG
@@ -19,9 +21,24 @@ from tests.conftest import run_cxr_train
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL 16 server (the `pgserver` wheel: no system package), on a Unix socket; yields the URI of
+    an empty database for MLflow."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    try:
+        server.psql("CREATE DATABASE mlflow;")
+        yield server.get_uri("mlflow")
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory, postgres: str) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` as a team runs it: runs and registry on PostgreSQL, artifacts proxied over HTTP."""
     root = tmp_path_factory.mktemp("tracking-server")
-    proc, url = start_tracking_server(root / "store", root / "server.log", timeout=240)
+    proc, url = start_tracking_server(root / "store", root / "server.log", timeout=240, backend_store_uri=postgres)
     try:
         yield url, root / "store"
     finally:
@@ -30,7 +47,8 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 
 @pytest.mark.integration
 def test_the_flow_tracks_registers_and_serves_through_a_tracking_server(
-        tracking_server: tuple[str, Path], real_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tracking_server: tuple[str, Path], postgres: str, real_subset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -50,6 +68,12 @@ def test_the_flow_tracks_registers_and_serves_through_a_tracking_server(
     assert "plots/learning_curves.png" in artifacts
     assert any((store / "artifacts").rglob("learning_curves.png"))
     assert not (client_dir / "mlflow.db").exists() and not (client_dir / "mlruns").exists()
+    # the run and the registry are rows in PostgreSQL, not in a file beside the server
+    with psycopg.connect(postgres) as db:
+        assert db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone() == ("FINISHED",)
+        assert db.execute("SELECT alias FROM registered_model_aliases WHERE name = 'cxr-remote'").fetchall() == [
+            ("champion",)]
+    assert not list(store.glob("*.db"))
 
     # the registered model loads from the server, as `cxr predict` and `mlflow models serve` would load it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
