@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     check_layout(cfg.resolved_data_dir())  # train/ and test/, NORMAL/ and PNEUMONIA/ in each; no image read
     check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
     check_prefect_server()
-    check_search_role()
+    check_search_role(cfg.tuner)
     if args.result_json and not args.result_json.parent.is_dir():
         raise DataConfigError(f"--result-json: folder {args.result_json.parent} does not exist")
 
@@ -192,12 +192,14 @@ def _root_cause(exc: BaseException) -> str:
     return str(reason if isinstance(reason, BaseException | str) else exc)
 
 
-def check_search_role() -> None:
+def check_search_role(tuner: str) -> None:
     """`cxr train` runs a search in its own process or as a distributed search's chief, never as a worker; a chief
-    must be able to listen on its address. DataConfigError otherwise, before the flow starts."""
-    from cxr_model.distributed import TUNER_ID, check_can_serve, search_role
+    must be able to listen on its address, with a tuner that can run distributed. DataConfigError otherwise,
+    before the flow starts."""
+    from cxr_model.distributed import TUNER_ID, check_can_serve, check_tuner, search_role
 
     role = search_role()
+    check_tuner(role, tuner)
     if role is not None and role.role == "worker":
         raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: run "
                               f"`cxr search-worker` there, and `cxr train` with {TUNER_ID}=chief on the chief")

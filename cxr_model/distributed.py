@@ -42,30 +42,42 @@ class SearchRole:
 def search_role(environ: dict | None = None) -> SearchRole | None:
     """This process's part in a distributed search, from the environment; None for a search in one process.
 
-    DataConfigError for an incomplete or malformed setting (Keras-Tuner would raise later, mid-flow, or not at
-    all for a port that is not a number).
+    As Keras-Tuner reads them: `KERASTUNER_ORACLE_IP` present (even empty) means a distributed search. An
+    incomplete, empty or malformed setting is a DataConfigError here, where Keras-Tuner would fail later, mid-flow,
+    or hand gRPC an address it cannot parse.
     """
     env = os.environ if environ is None else environ
-    ip = env.get(ORACLE_IP)
-    if not ip:
-        others = [name for name in (TUNER_ID, ORACLE_PORT) if env.get(name)]
+    if ORACLE_IP not in env:
+        others = [name for name in (TUNER_ID, ORACLE_PORT) if name in env]
         if others:
             raise DataConfigError(f"{' and '.join(others)} set without {ORACLE_IP}: set all three of {TUNER_ID}, "
                                   f"{ORACLE_IP} and {ORACLE_PORT} for a distributed search, or none")
         return None
-    missing = [name for name in (TUNER_ID, ORACLE_PORT) if not env.get(name)]
+    ip = env[ORACLE_IP]
+    missing = [name for name in (TUNER_ID, ORACLE_IP, ORACLE_PORT) if not env.get(name)]
     if missing:
-        raise DataConfigError(f"{ORACLE_IP}={ip} is set but {' and '.join(missing)} not: a distributed search needs "
-                              f"all three of {TUNER_ID}, {ORACLE_IP} and {ORACLE_PORT}")
+        raise DataConfigError(f"{ORACLE_IP}={ip!r} is set but {' and '.join(missing)} empty or not set: a "
+                              f"distributed search needs all three of {TUNER_ID}, {ORACLE_IP} and {ORACLE_PORT}")
     raw_port, tuner_id = env[ORACLE_PORT], env[TUNER_ID]
-    try:
-        port = int(raw_port)
-    except ValueError:
-        port = -1
+    port = int(raw_port) if raw_port.isascii() and raw_port.isdigit() else -1  # no sign, no spaces: gRPC's reading
     if not 0 < port < 65536:
         raise DataConfigError(f"{ORACLE_PORT}={raw_port!r} is not a port number (1-65535)")
+    if ":" in ip and not ip.startswith("["):
+        # Keras-Tuner joins "{ip}:{port}", which gRPC reads as an IPv6 address only in brackets
+        raise DataConfigError(f"{ORACLE_IP}={ip}: write an IPv6 address in brackets, as [{ip}]")
     # Keras-Tuner's own test: a tuner id containing "chief" is the chief
     return SearchRole("chief" if "chief" in tuner_id else "worker", tuner_id, ip, port)
+
+
+def check_tuner(role: SearchRole | None, tuner: str) -> None:
+    """DataConfigError for a tuner that cannot run distributed as this project runs it.
+
+    Hyperband's later rounds start from an earlier trial's checkpoint, read from the tuner's own folder; each
+    worker has its own folder here (and wipes it as it starts), so a trial whose parent ran elsewhere would fail.
+    """
+    if role is not None and tuner == "hyperband":
+        raise DataConfigError("--tuner hyperband cannot run distributed here: its later rounds load earlier trials' "
+                              "checkpoints, which stay on the worker that trained them; use random or bayesian")
 
 
 def worker_role(environ: dict | None = None) -> SearchRole:
@@ -79,12 +91,17 @@ def worker_role(environ: dict | None = None) -> SearchRole:
 
 
 def check_can_serve(role: SearchRole) -> None:
-    """DataConfigError if the chief could not listen on its address (port taken, address not this host's)."""
-    family = socket.AF_INET6 if ":" in role.ip else socket.AF_INET
+    """DataConfigError if the chief could not listen on its address (port taken, address not this host's).
+
+    A plain bind without SO_REUSEPORT: gRPC sets that option, so a second chief's gRPC server would share the port
+    with the first one's and split the workers' requests between two oracles; this bind fails on either.
+    """
+    host = role.ip.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
         try:
-            sock.bind((role.ip, role.port))
+            sock.bind((host, role.port))
         except OSError as exc:
             raise DataConfigError(f"the search chief cannot listen on {role.address} ({ORACLE_IP}, {ORACLE_PORT}): "
                                   f"{exc.strerror or exc}") from None
@@ -92,7 +109,7 @@ def check_can_serve(role: SearchRole) -> None:
 
 def worker_instructions(role: SearchRole, run_id: str) -> str:
     """What to run on each worker machine, printed by the chief when it starts serving."""
-    host = role.ip if role.ip not in ("0.0.0.0", "::", "[::]") else socket.gethostname()
+    host = role.ip if role.ip not in ("0.0.0.0", "[::]") else socket.gethostname()
     return (f"Search chief: serving the Keras-Tuner oracle on {role.address} for run {run_id}; it waits until "
             f"workers have run every trial. On each worker (same data, same MLFLOW_TRACKING_URI): "
             f"{TUNER_ID}=tuner0 {ORACLE_IP}={host} {ORACLE_PORT}={role.port} cxr search-worker --data-dir DIR")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,9 @@ try:
 except ImportError:  # pragma: no cover - not reached on the POSIX machines this runs on
     fcntl = None
 
+import grpc
 import keras
+import keras_tuner as kt
 import mlflow
 import pandas as pd
 from prefect import task
@@ -26,11 +29,21 @@ from cxr_model.distributed import (
     ORACLE_PORT,
     PORT_TAG,
     TUNER_ID,
+    SearchRole,
+    check_can_serve,
+    check_tuner,
     search_role,
     worker_instructions,
     worker_role,
 )
-from cxr_model.search import ConvNetHyperModel, SearchSpace, best_distinct_trials, completed_trials, make_tuner
+from cxr_model.search import (
+    ConvNetHyperModel,
+    SearchSpace,
+    best_distinct_trials,
+    completed_trials,
+    make_tuner,
+    sample_config,
+)
 from cxr_model.train import averaged_weights_callbacks, configure_threads
 from tasks.data import DataHandle, fit_datasets, index_and_split, open_data
 from tasks.tracking import MlflowEpochLogger, in_run
@@ -44,9 +57,10 @@ class MlflowTrials:
     def run_trial(self, trial, *args, **kwargs):
         tags = {"cxr.role": "trial", "trial_id": str(trial.trial_id), "tuner_id": self.tuner_id}
         self.ran_trials = [*getattr(self, "ran_trials", []), str(trial.trial_id)]
+        _retire_unfinished_runs(self.parent_run_id, str(trial.trial_id))
         with mlflow.start_run(run_name=f"trial-{trial.trial_id}", nested=True,
                               parent_run_id=self.parent_run_id, tags=tags):
-            mlflow.log_params(trial.hyperparameters.values)
+            mlflow.log_params({**trial.hyperparameters.values, "trial/image_size": self.hypermodel.image_size})
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), MlflowEpochLogger()]
             started = time.perf_counter()
             results = super().run_trial(trial, *args, **kwargs)
@@ -54,6 +68,19 @@ class MlflowTrials:
             mlflow.log_metric("trial/seconds", seconds)
             print(f"Trial {trial.trial_id} finished in {seconds:.0f} s: {trial.hyperparameters.values}")
             return results
+
+
+def _retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
+    """Mark KILLED an earlier run of this trial that never finished: a worker that died mid-trial, whose trial
+    Keras-Tuner hands again to the restarted worker. One finished run per trial stays the rule."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    stale = client.search_runs([parent.info.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}' "
+                               "and attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_tag(run.info.run_id, "cxr.superseded", "its trial was run again (the process running it stopped)")
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -124,12 +151,22 @@ def _tuner(cfg: TrainConfig, directory: Path, project_name: str, resume: bool, p
     return tuner
 
 
+def _adopt_tuner_state(state_dir: Path, tuner_id: str) -> None:
+    """Let a search resume whichever way it ran before: Keras-Tuner reloads only its own `<tuner id>.json`, which a
+    search in one process writes as tuner0 and a distributed chief as chief. Without the file it would start over
+    and overwrite the oracle's state."""
+    own = state_dir / f"{tuner_id}.json"
+    others = sorted(p for p in state_dir.glob("*.json") if p.name != "oracle.json" and p != own)
+    if not own.exists() and others:
+        shutil.copyfile(others[0], own)
+
+
 def _search_done(oracle) -> bool:
-    """A resumed search with every trial already run (a chief would otherwise wait for workers with nothing to
-    do). Hyperband has no fixed trial count: never done by this test."""
+    """A resumed search with every trial already run, completed or failed for good (a chief would otherwise wait
+    for workers with nothing to do). Hyperband has no fixed trial count: never done by this test."""
     trials = list(oracle.trials.values())
     return bool(oracle.max_trials) and len(trials) >= oracle.max_trials and all(
-        t.status not in ("RUNNING", "IDLE") for t in trials)
+        t.status in ("COMPLETED", "FAILED") for t in trials)
 
 
 @task(name="search", cache_policy=NONE)
@@ -144,22 +181,32 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
         raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: the flow runs on the "
                               f"chief ({TUNER_ID}=chief) or without the {TUNER_ID}/{ORACLE_IP}/{ORACLE_PORT} "
                               "settings; a worker runs `cxr search-worker`")
+    check_tuner(role, cfg.tuner)
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train_ds, fit, project_name = _search_setup(cfg, manifest, images, data.digest)
     state_dir = cfg.tuner_dir / project_name
+    serving = False
     with state_lock(state_dir), in_run(run_id):  # one flow at a time per state folder
         if cfg.resume and not state_dir.is_dir():
             print(f"--resume: no search state for these data and settings at {state_dir} "
                   "(a setting that scores trials differently starts a new search); starting a new one")
+        if cfg.resume:
+            _adopt_tuner_state(state_dir, role.tuner_id if role is not None else "tuner0")
         tuner = _tuner(cfg, cfg.tuner_dir, project_name, cfg.resume, run_id)
         if role is not None and _search_done(tuner.oracle):
             print(f"Search chief: the resumed search in {state_dir} has run all its trials; not serving")
         else:
             if role is not None:
+                check_can_serve(role)  # again: another chief may have taken the port since the CLI checked
                 mlflow.set_tags({PORT_TAG: str(role.port), "cxr.search_oracle": role.address})
+                serving = True
                 print(worker_instructions(role, run_id))
             tuner.search(train_ds, **fit)  # on the chief: serves the oracle until the workers are done
+            if serving:
+                # Keras-Tuner saves the oracle before it drops an ended trial from the running ones, and only a
+                # trial's end saves it on a chief: without this the last trial would run again on --resume
+                tuner.oracle.save()
         completed = len(completed_trials(tuner.oracle.trials.values()))
         top = best_distinct_trials(tuner.oracle.trials.values(), cfg.top_trials)
         if not top:
@@ -168,7 +215,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
         mlflow.log_params({f"best/{k}": v for k, v in best.items()})
         mlflow.log_param("search/top_trial_ids", ",".join(t.trial_id for t in top))  # the networks trained, in order
         mlflow.log_metrics({"search/best_val_auc": float(top[0].score), "search/completed_trials": float(completed)})
-        if role is not None:  # no longer serving: a worker started now must not join this run
+        if serving:  # no longer serving: a worker started now must not join this run
             mlflow.MlflowClient().delete_tag(run_id, PORT_TAG)
     if len(top) < cfg.top_trials:
         print(f"Only {len(top)} completed trials of distinct networks for top_trials={cfg.top_trials}: "
@@ -177,24 +224,55 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in t.hyperparameters.values.items()} for t in top]
 
 
-def find_chief_run(port: int, wait_s: float, poll_s: float = 5.0) -> str:
-    """The id of the running flow whose search serves on `port` (the newest if several), waiting up to `wait_s`."""
+def wait_for_oracle(role: SearchRole, wait_s: float) -> None:
+    """Return once the chief's oracle accepts a connection; DataConfigError after `wait_s` without one."""
+    channel = grpc.insecure_channel(role.address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait_s)
+    except grpc.FutureTimeoutError:
+        raise DataConfigError(f"no search chief answers at {role.address} (waited {wait_s:.0f} s): start "
+                              f"`cxr train` with {TUNER_ID}=chief there first") from None
+    finally:
+        channel.close()
+
+
+def find_chief_run(port: int, wait_s: float = 0.0, poll_s: float = 5.0) -> str:
+    """The id of the one running flow whose search serves on `port`, waiting up to `wait_s` for it.
+
+    Called once the oracle answers, when the chief's tag is already set. More than one candidate (a chief that
+    crashed leaves its run RUNNING with the tag; another host's chief may use the same port) is refused: joining
+    the wrong one would log this worker's trials under another run.
+    """
     client = mlflow.MlflowClient()
     deadline = time.monotonic() + wait_s
     while True:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(experiment_ids, f"tags.`{PORT_TAG}` = '{port}' and attributes.status = 'RUNNING'",
-                                  order_by=["attributes.start_time DESC"], max_results=5) if experiment_ids else []
-        if runs:
-            if len(runs) > 1:
-                print(f"{len(runs)} running flows say they serve a search on port {port} (a chief that crashed "
-                      f"leaves its run RUNNING): joining the newest, {runs[0].info.run_id}; --run-id picks one")
+                                  order_by=["attributes.start_time DESC"]) if experiment_ids else []
+        if len(runs) == 1:
             return runs[0].info.run_id
+        if len(runs) > 1:
+            listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs)
+            raise DataConfigError(f"{len(runs)} running flows say they serve a search on port {port}: {listed}. A "
+                                  "chief that crashed leaves its run RUNNING: name the live one with --run-id (and "
+                                  "mark the others failed in MLflow)")
         if time.monotonic() >= deadline:
             raise DataConfigError(f"no running `cxr train` serves a search on port {port} in the tracking store "
-                                  f"{mlflow.get_tracking_uri()} (waited {wait_s:.0f} s): start the chief first, "
-                                  "with the same MLFLOW_TRACKING_URI, or name its run with --run-id")
+                                  f"{mlflow.get_tracking_uri()}: the chief must log to the same MLFLOW_TRACKING_URI, "
+                                  "or name its run with --run-id")
         time.sleep(poll_s)
+
+
+def _check_same_space(tuner, cfg: TrainConfig, run_id: str, role: SearchRole) -> None:
+    """DataConfigError if the oracle on the port searches another space than the run's config says."""
+    hp = kt.HyperParameters()
+    sample_config(hp, cfg.image_size, SearchSpace(**cfg.search_space_params()))
+    hp = kt.HyperParameters.from_proto(hp.to_proto())  # as the oracle's came over gRPC (which fills in defaults)
+    remote = tuner.oracle.get_space()
+    ours, theirs = ({h.name: h.get_config() for h in space.space} for space in (hp, remote))
+    if ours != theirs:
+        raise DataConfigError(f"the oracle at {role.address} searches another space than run {run_id}'s config: is "
+                              f"the port another chief's? (oracle: {sorted(theirs)}; run: {sorted(ours)})")
 
 
 def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, threads: int | None = None,
@@ -208,7 +286,9 @@ def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, th
     """
     role = worker_role()
     configure_threads(threads)
-    run_id = run_id or find_chief_run(role.port, wait_s)
+    started = time.monotonic()
+    wait_for_oracle(role, wait_s)
+    run_id = run_id or find_chief_run(role.port, max(0.0, wait_s - (time.monotonic() - started)))
     client = mlflow.MlflowClient()
     chief = client.get_run(run_id)
     if chief.info.status != "RUNNING":
@@ -220,6 +300,7 @@ def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, th
     else:
         settings.pop("work_dir")  # this machine's CXR_WORK_DIR (or ./work)
     cfg = TrainConfig.model_validate(settings)
+    check_tuner(role, cfg.tuner)
     _, manifest, digest = index_and_split(cfg)
     expected = chief.data.tags.get("data_digest")
     if digest != expected:
@@ -233,6 +314,7 @@ def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, th
     # its own state folder: a worker's trials (checkpoints) are its own, and starting over must not delete the
     # chief's oracle state when both share a work folder
     tuner = _tuner(cfg, cfg.tuner_dir / "workers" / role.tuner_id, project_name, False, run_id)
+    _check_same_space(tuner, cfg, run_id, role)
     started = time.perf_counter()
     tuner.search(train_ds, **fit)
     ran = sorted(getattr(tuner, "ran_trials", []))

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,25 +86,46 @@ class FlowRun:
     env: dict
     stdout: str
     result: dict  # what `cxr train --result-json` wrote: run id, test metrics, registered version
+    stderr: str = ""  # Prefect's log of the flow and its tasks (prints included)
 
 
-def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None,
-                  tracking_uri: str | None = None) -> FlowRun:
-    """`cxr train --profile smoke` in `cwd`; its own sqlite store there unless `tracking_uri` names another."""
+def start_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None,
+                    tracking_uri: str | None = None) -> tuple[subprocess.Popen, Callable[[], FlowRun]]:
+    """`cxr train --profile smoke` started in `cwd` (its own sqlite store there unless `tracking_uri` names
+    another), its output in files there; returns the process and a function that waits for it and reads the run."""
     cwd.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or f"sqlite:///{cwd / 'mlflow.db'}"
     env = dict(env or os.environ)
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PREFECT_HOME=str(cwd / "prefect-home"),
                CXR_WORK_DIR=str(cwd / "work"), PYTHONUNBUFFERED="1")
     env.pop("PREFECT_API_URL", None)
-    result_path = cwd / f"result-{len(list(cwd.glob('result-*.json')))}.json"
+    n = len(list(cwd.glob("result-*.json")))
+    result_path, out_path, err_path = (cwd / f"{kind}-{n}.{ext}" for kind, ext in
+                                       (("result", "json"), ("stdout", "log"), ("stderr", "log")))
     cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir),
            "--result-json", str(result_path), *extra]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"cxr train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return FlowRun(cwd=cwd, tracking_uri=tracking_uri, env=env, stdout=proc.stdout,
-                   result=json.loads(result_path.read_text()))
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+
+    def finish(timeout: float = 900) -> FlowRun:
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        if proc.returncode != 0:
+            raise AssertionError(f"cxr train failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+        return FlowRun(cwd=cwd, tracking_uri=tracking_uri, env=env, stdout=stdout,
+                       result=json.loads(result_path.read_text()), stderr=stderr)
+
+    return proc, finish
+
+
+def run_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = None,
+                  tracking_uri: str | None = None) -> FlowRun:
+    """`cxr train --profile smoke` in `cwd`, to the end; its own sqlite store there unless `tracking_uri` names
+    another."""
+    return start_cxr_train(cwd, data_dir, *extra, env=env, tracking_uri=tracking_uri)[1]()
 
 
 @pytest.fixture(scope="session")

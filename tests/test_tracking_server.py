@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from cxr_model.distributed import PORT_TAG
 from cxr_model.model_server import free_port, start_tracking_server, stop_model_server
-from tests.conftest import run_cxr_train
+from tests.conftest import run_cxr_train, start_cxr_train
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_a_distributed_search_chief_and_two_workers_share_one_run(
     url, _ = tracking_server
     port = free_port()
     oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}
-    workers = {}
+    workers, logs = {}, {}
     for tuner_id in ("tuner0", "tuner1"):
         cwd = tmp_path / tuner_id
         cwd.mkdir()
@@ -101,19 +102,30 @@ def test_a_distributed_search_chief_and_two_workers_share_one_run(
                "CXR_WORK_DIR": str(cwd / "work"), "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "cxr_model.cli", "search-worker", "--data-dir", str(real_subset),
                "--wait-minutes", "10", "--threads", "1"]
-        workers[tuner_id] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True)
+        logs[tuner_id] = (cwd / "stdout.log", cwd / "stderr.log")
+        with open(logs[tuner_id][0], "w") as out, open(logs[tuner_id][1], "w") as err:
+            workers[tuner_id] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+    chief, finish = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3", "--model-name",
+                                    "cxr-distributed", env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"},
+                                    tracking_uri=url)
     try:
-        flow = run_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3", "--model-name", "cxr-distributed",
-                             env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"}, tracking_uri=url)
-        outputs = {tuner_id: proc.communicate(timeout=300) for tuner_id, proc in workers.items()}
-    finally:
+        deadline = time.monotonic() + 900
+        while chief.poll() is None and time.monotonic() < deadline:
+            # a worker that fails leaves the chief waiting for ever: fail at once, with the worker's reason
+            failed = {t: p.returncode for t, p in workers.items() if p.poll() not in (None, 0)}
+            assert not failed, f"search worker failed {failed}:\n" + "\n".join(
+                logs[t][1].read_text()[-3000:] for t in failed)
+            time.sleep(2)
+        flow = finish(timeout=1)
         for proc in workers.values():
+            proc.wait(timeout=300)
+    finally:
+        for proc in (chief, *workers.values()):
             proc.kill()
     ran = {}
-    for tuner_id, (stdout, stderr) in outputs.items():
-        assert workers[tuner_id].returncode == 0, stderr[-4000:]
-        report = json.loads(stdout.strip().splitlines()[-1])
+    for tuner_id, (out, err) in logs.items():
+        assert workers[tuner_id].returncode == 0, err.read_text()[-4000:]
+        report = json.loads(out.read_text().strip().splitlines()[-1])
         assert report["run_id"] == flow.result["run_id"] and report["tuner_id"] == tuner_id
         ran.update({trial: tuner_id for trial in report["trials"]})
         assert not (tmp_path / tuner_id / "mlflow.db").exists()  # everything went to the server
@@ -131,6 +143,20 @@ def test_a_distributed_search_chief_and_two_workers_share_one_run(
                                 "tags.`cxr.role` = 'trial'")
     assert {t.data.tags["trial_id"]: t.data.tags["tuner_id"] for t in trials} == ran
     assert all(t.data.metrics["val/auc"] > 0 for t in trials)  # the epochs the workers trained, logged live
-    best = parent.data.params["search/top_trial_ids"].split(",")[0]
-    assert parent.data.params["best/filters"] == next(t for t in trials if t.data.tags["trial_id"] == best).data.params[
-        "filters"]
+    # the workers trained at the chief's settings (smoke: 64 px), not at their own profile's default (96 px)
+    assert {t.data.params["trial/image_size"] for t in trials} == {"64"}
+
+    # resumed as the chief again with every trial run: no serving, no waiting for workers, no trial run again
+    chief_env = {**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"}
+    again = run_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3", "--model-name", "cxr-distributed",
+                          "--resume", env=chief_env, tracking_uri=url)
+    assert "has run all its trials; not serving" in again.stderr
+    # and resumed in one process (tuner0, not chief): Keras-Tuner reloads the chief's state instead of starting over
+    local = run_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3", "--model-name", "cxr-distributed",
+                          "--resume", tracking_uri=url)
+    for resumed in (again, local):
+        resumed_run = client.get_run(resumed.result["run_id"])
+        assert resumed_run.data.metrics["search/completed_trials"] == 3
+        assert "cxr.search_oracle" not in resumed_run.data.tags
+        assert not client.search_runs([parent.info.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{resumed.result['run_id']}'")
