@@ -138,19 +138,25 @@ def upright(img: Image.Image) -> Image.Image:
 # A pixel is coloured when its channels differ by more than this (0..255). The 5,840 films of the dataset, stored
 # as RGB JPEG, differ by 0 everywhere; an exported film with JPEG chroma noise stays far under it.
 COLOUR_CHROMA = 32
-_COLOUR_SAMPLE = 64  # the side of the copy the share is measured on
+_COLOUR_SIDE = 128  # the share is measured on box averages of the image down to about this side (at least)
 
 
 def coloured_share(img: Image.Image) -> float:
-    """The share of pixels (0..1) whose channels differ by more than `COLOUR_CHROMA`, on a 64x64 copy.
+    """The share of pixels (0..1) whose channels differ by more than `COLOUR_CHROMA`, measured on box averages.
 
-    0 for grey modes. Transparent pixels count as black, as `decode_image` composites them.
+    Averaging (by a whole factor, to a side of 128-255 pixels) rather than sampling: a sample would count a grid
+    of thin coloured lines as all colour or none depending on where it falls, and per-channel sensor noise as
+    colour; averages thin lines out and counts coloured areas. 0 for grey modes. Transparent pixels count as
+    black, as `decode_image` composites them.
     """
     if img.mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"):
         return 0.0
-    small = img.resize((_COLOUR_SAMPLE, _COLOUR_SAMPLE), Image.Resampling.NEAREST)  # any mode; ~0.1 ms
-    if small.mode in ("RGBA", "PA") or (small.mode == "P" and "transparency" in small.info):
-        small = Image.alpha_composite(Image.new("RGBA", small.size, (0, 0, 0, 255)), small.convert("RGBA"))
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # palette indices are not colours to average
+    factor = max(1, min(img.size) // _COLOUR_SIDE)
+    small = img.reduce(factor) if factor > 1 else img  # ~1.5 ms for a 2000x1600 RGB scan
+    if small.mode == "RGBA":
+        small = Image.alpha_composite(Image.new("RGBA", small.size, (0, 0, 0, 255)), small)
     rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
     return float(((rgb.max(axis=-1) - rgb.min(axis=-1)) > COLOUR_CHROMA).mean())
 

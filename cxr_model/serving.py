@@ -140,7 +140,7 @@ def check_not_colour(share: float) -> None:
 
 def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """(N, S, S, 1) uint8 from base64 image files; RequestError naming every bad row if any is bad (a file that is
-    not a decodable image, or a blank one: `check_not_blank`)."""
+    not a decodable image, a colour one: `check_not_colour`, or a blank one: `check_not_blank`)."""
     batch, errors = [], []
     for row, value in enumerate(values):
         try:

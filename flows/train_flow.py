@@ -19,9 +19,16 @@ from tasks.visualize import visualize
 
 
 def prefect_tags() -> dict[str, str]:
-    """The Prefect flow run (and deployment, if any) behind this MLflow run, so each UI leads to the other."""
-    found = {"prefect.flow_run_id": runtime.flow_run.id, "prefect.flow_run_name": runtime.flow_run.name,
-             "prefect.deployment": runtime.deployment.name}
+    """The Prefect flow run (and deployment, if any) behind this MLflow run, so each UI leads to the other.
+
+    The deployment's name costs one API call; a failing one costs only that tag, never the run.
+    """
+    found = {"prefect.flow_run_id": runtime.flow_run.id, "prefect.flow_run_name": runtime.flow_run.name}
+    if found["prefect.flow_run_id"]:
+        try:
+            found["prefect.deployment"] = runtime.deployment.name
+        except Exception as exc:  # any failure of the lookup (no API, a timeout)
+            print(f"Could not read the Prefect deployment's name ({type(exc).__name__}); not tagged")
     return {k: str(v) for k, v in found.items() if v}
 
 

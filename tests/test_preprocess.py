@@ -275,3 +275,15 @@ def test_every_real_film_in_the_subset_is_grey(real_subset: Path) -> None:
     files = sorted(real_subset.rglob("*.jpeg"))
     assert len(files) == 96
     assert max(coloured_share(Image.open(f)) for f in files) == 0.0  # all 5,840: 0 too (the serving module's note)
+
+
+def test_coloured_share_averages_so_thin_lines_and_noise_do_not_alias() -> None:
+    base = np.full((512, 512, 3), 120, np.uint8)
+    shares = set()
+    for phase in range(4):  # a grid of 1-pixel red lines every 16 rows, wherever it starts
+        grid = base.copy()
+        grid[phase::16] = (230, 20, 20)
+        shares.add(coloured_share(Image.fromarray(grid, "RGB")))
+    assert len(shares) == 1  # a sample would read it as all colour or none, by where the lines fall
+    noisy = np.clip(120 + np.random.default_rng(0).normal(0, 15, (512, 512, 3)), 0, 255).astype(np.uint8)
+    assert coloured_share(Image.fromarray(noisy, "RGB")) == 0.0  # per-channel sensor noise is not colour

@@ -25,8 +25,12 @@ from tests.conftest import run_cxr_train, start_cxr_train
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL 16 server (the `pgserver` wheel: no system package), on a Unix socket; yields the URI of
     an empty database for MLflow."""
-    import pgserver
-
+    try:
+        import pgserver
+    except ImportError:  # no wheel for this platform (pyproject.toml): skip, except in CI, where it is installed
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("pgserver (a PostgreSQL server in a wheel) has no build for this platform")
     server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
     try:
         server.psql("CREATE DATABASE mlflow;")
@@ -48,7 +52,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory, postgres: str) -> 
 
 @pytest.mark.integration
 def test_the_flow_tracks_registers_and_serves_through_a_tracking_server(
-        tracking_server: tuple[str, Path], postgres: str, real_subset: Path, tmp_path: Path,
+        real_subset: Path, tracking_server: tuple[str, Path], postgres: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     from mlflow import MlflowClient
@@ -86,7 +90,7 @@ def test_the_flow_tracks_registers_and_serves_through_a_tracking_server(
 
 @pytest.mark.integration
 def test_a_distributed_search_chief_and_two_workers_share_one_run(
-        tracking_server: tuple[str, Path], real_subset: Path, tmp_path: Path) -> None:
+        real_subset: Path, tracking_server: tuple[str, Path], tmp_path: Path) -> None:
     """`cxr train` as Keras-Tuner's chief, two `cxr search-worker` processes, one tracking server: the workers
     find the chief's run, run every trial between them over gRPC, and log each as a nested run of it."""
     from mlflow import MlflowClient
