@@ -154,7 +154,7 @@ def coloured_share(img: Image.Image) -> float:
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")  # palette indices are not colours to average
     factor = max(1, min(img.size) // _COLOUR_SIDE)
-    small = img.reduce(factor) if factor > 1 else img  # ~1.5 ms for a 2000x1600 RGB scan
+    small = img.reduce(factor) if factor > 1 else img  # the share: ~2 ms for a 2000x1600 RGB scan (decoding ~15)
     if small.mode == "RGBA":
         small = Image.alpha_composite(Image.new("RGBA", small.size, (0, 0, 0, 255)), small)
     rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
