@@ -196,13 +196,9 @@ def check_search_role(tuner: str) -> None:
     """`cxr train` runs a search in its own process or as a distributed search's chief, never as a worker; a chief
     must be able to listen on its address, with a tuner that can run distributed. DataConfigError otherwise,
     before the flow starts."""
-    from cxr_model.distributed import TUNER_ID, check_can_serve, check_tuner, search_role
+    from cxr_model.distributed import check_can_serve, flow_role
 
-    role = search_role()
-    check_tuner(role, tuner)
-    if role is not None and role.role == "worker":
-        raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: run "
-                              f"`cxr search-worker` there, and `cxr train` with {TUNER_ID}=chief on the chief")
+    role = flow_role(tuner)
     if role is not None:
         check_can_serve(role)
 

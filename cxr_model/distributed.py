@@ -69,6 +69,21 @@ def search_role(environ: dict | None = None) -> SearchRole | None:
     return SearchRole("chief" if "chief" in tuner_id else "worker", tuner_id, ip, port)
 
 
+def flow_role(tuner: str, environ: dict | None = None) -> SearchRole | None:
+    """This process's role for `cxr train` (the flow): None (a search in one process) or the chief.
+
+    DataConfigError on a machine set up as a worker, which runs `cxr search-worker` instead, and for a tuner that
+    cannot run distributed (`check_tuner`). The CLI calls it before the flow starts, the search task again for a
+    flow started another way (a Prefect deployment).
+    """
+    role = search_role(environ)
+    if role is not None and role.role == "worker":
+        raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: run "
+                              f"`cxr search-worker` there, and `cxr train` with {TUNER_ID}=chief on the chief")
+    check_tuner(role, tuner)
+    return role
+
+
 def check_tuner(role: SearchRole | None, tuner: str) -> None:
     """DataConfigError for a tuner that cannot run distributed as this project runs it.
 

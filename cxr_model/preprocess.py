@@ -163,18 +163,23 @@ def coloured_share(img: Image.Image) -> float:
 
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a (size, size, 1) uint8 grayscale array."""
-    return decode_image_and_colour(data, size, max_pixels)[0]
+    return _square_grey(upright(open_image(data, max_pixels=max_pixels)), size)
 
 
 def decode_image_and_colour(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, float]:
-    """`decode_image`, and the image's `coloured_share` (measured before it is made grey)."""
+    """`decode_image`, and the image's `coloured_share` (measured before it is made grey), for serving: training
+    and the decode cache do not pay for the share."""
     img = upright(open_image(data, max_pixels=max_pixels))
-    colour = coloured_share(img)
+    return _square_grey(img, size), coloured_share(img)
+
+
+def _square_grey(img: Image.Image, size: int) -> np.ndarray:
+    """An opened, upright image as a (size, size, 1) uint8 grayscale array."""
     gray = _grayscale(img)
     if gray.size != (size, size):
         # Squash to a square as the resized dataset does; BILINEAR with PIL's support scaling antialiases.
         gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(gray, dtype=np.uint8)[:, :, None], colour  # (S, S, 1)
+    return np.asarray(gray, dtype=np.uint8)[:, :, None]  # (S, S, 1)
 
 
 def decode_file(path: str | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:

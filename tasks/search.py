@@ -25,14 +25,12 @@ from prefect.cache_policies import NONE
 from cxr_model.cache import decoded_images
 from cxr_model.config import DataConfigError, TrainConfig
 from cxr_model.distributed import (
-    ORACLE_IP,
-    ORACLE_PORT,
     PORT_TAG,
     TUNER_ID,
     SearchRole,
     check_can_serve,
     check_tuner,
-    search_role,
+    flow_role,
     worker_instructions,
     worker_role,
 )
@@ -176,12 +174,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     Fewer when fewer trials completed (a hyperband search, a resumed search with failed trials). As the chief of
     a distributed search (`cxr_model.distributed`) it serves the oracle until workers have run every trial.
     """
-    role = search_role()
-    if role is not None and role.role == "worker":
-        raise DataConfigError(f"{TUNER_ID}={role.tuner_id} makes this process a search worker: the flow runs on the "
-                              f"chief ({TUNER_ID}=chief) or without the {TUNER_ID}/{ORACLE_IP}/{ORACLE_PORT} "
-                              "settings; a worker runs `cxr search-worker`")
-    check_tuner(role, cfg.tuner)
+    role = flow_role(cfg.tuner)
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
     train_ds, fit, project_name = _search_setup(cfg, manifest, images, data.digest)

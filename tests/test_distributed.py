@@ -235,3 +235,15 @@ def test_a_chief_serves_unless_every_trial_has_run(statuses: list[str], max_tria
     oracle = SimpleNamespace(max_trials=max_trials,
                              trials={str(i): SimpleNamespace(status=s) for i, s in enumerate(statuses)})
     assert _search_done(oracle) is done
+
+
+def test_the_flow_runs_locally_or_as_chief_never_as_a_worker() -> None:
+    """`flow_role`: what the CLI checks before the flow and the search task again (a deployment skips the CLI)."""
+    from cxr_model.distributed import flow_role
+
+    assert flow_role("hyperband", {}) is None
+    assert flow_role("random", {**ENV, "KERASTUNER_TUNER_ID": "chief"}).role == "chief"
+    with pytest.raises(DataConfigError, match="KERASTUNER_TUNER_ID=tuner0 makes this process a search worker"):
+        flow_role("random", ENV)
+    with pytest.raises(DataConfigError, match="--tuner hyperband cannot run distributed"):
+        flow_role("hyperband", {**ENV, "KERASTUNER_TUNER_ID": "chief"})
