@@ -21,7 +21,7 @@ test: setup  ## unit tests on synthetic images + integration tests on a small re
 	$(VENV)/bin/pytest $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check cxr_model tasks flows tests benchmarks
+	$(VENV)/bin/ruff check cxr_model cxr_pneumonia tasks flows tests benchmarks
 
 ui: setup  ## browse runs and the registry at http://127.0.0.1:5000 (a tracking server: open its own URL)
 	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"; \

@@ -8,7 +8,7 @@ from collections.abc import Callable
 # failures whose own message says what is wrong: no data folder, no such model, run or version in the MLflow
 # store, a `cxr train` child that failed (its message is already above); matched by name so that scripts which
 # never import MLflow do not pay for it
-KNOWN_FAILURES = {"DataConfigError", "MlflowException", "CalledProcessError"}
+KNOWN_FAILURES = {"DataError", "ConfigError", "ServerError", "MlflowException", "CalledProcessError"}
 
 
 def run_main(main: Callable[[], None]) -> None:

@@ -26,8 +26,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from cxr_model.augmentation import build_augmentation  # noqa: E402
 from cxr_model.config import AUGMENTATION_FIELDS, load_config  # noqa: E402
-from cxr_model.model import build_augmentation, build_convnet  # noqa: E402
+from cxr_model.model import build_convnet  # noqa: E402
 
 BATCH = 32
 

@@ -55,7 +55,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> None:
     """
     from mlflow import MlflowClient
 
-    from cxr_model.cli import DEFAULT_TRACKING_URI  # what `cxr train` falls back to
+    from cxr_pneumonia.cli import DEFAULT_TRACKING_URI  # what `cxr train` falls back to
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     if not uri.startswith("sqlite:///"):
@@ -70,7 +70,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> None:
 def run_once(profile: str, seed: int, data_dir: str | None, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", profile, "--seed", str(seed),
+        cmd = [sys.executable, "-m", "cxr_pneumonia.cli", "train", "--profile", profile, "--seed", str(seed),
                "--experiment-name", f"cxr-quality-{profile}", "--model-name", "cxr-pneumonia-bench",
                "--result-json", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
         minutes, peak_gib = timed_run(cmd, HERE.parent)

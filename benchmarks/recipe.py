@@ -42,9 +42,10 @@ from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import CLEAN_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
+from cxr_model.fitting import fit_networks  # noqa: E402
+from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.model import ConvNetConfig  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
-from cxr_model.train import compile_forward, fit_networks  # noqa: E402
 
 # the default's augmentation ranges since session 3 (recipe `geometry`), the base of every later recipe
 GEOMETRY = dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)

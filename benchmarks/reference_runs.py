@@ -32,7 +32,8 @@ from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset  # noqa: E402
 from cxr_model.evaluate import binary_metrics  # noqa: E402
-from cxr_model.train import make_dataset, predict_proba  # noqa: E402
+from cxr_model.inference import predict_proba  # noqa: E402
+from cxr_model.pipelines import make_dataset  # noqa: E402
 
 METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity")
 

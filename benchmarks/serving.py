@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_model.model_server import start_model_server, stop_model_server
+from cxr_pneumonia.model_server import start_model_server, stop_model_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_URI = "models:/cxr-pneumonia@champion"
@@ -64,9 +64,9 @@ def register_untrained_model(workdir: Path, image_size: int, example: str) -> st
     import mlflow
     import pandas as pd
 
-    import cxr_model
     from cxr_model.model import ConvNetConfig, build_convnet
-    from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, pip_requirements
+    from cxr_model.serving import INPUT_COLUMN
+    from cxr_pneumonia.tasks.packaging import log_served_model
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
@@ -74,13 +74,8 @@ def register_untrained_model(workdir: Path, image_size: int, example: str) -> st
     build_convnet(ConvNetConfig(image_size=image_size)).save(workdir / "model.keras")
     (workdir / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": image_size}))
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=CxrPneumoniaModel(),
-            artifacts={"keras_model": str(workdir / "model.keras"), "meta": str(workdir / "meta.json")},
-            code_paths=[str(Path(cxr_model.__file__).parent)], signature=SIGNATURE,
-            input_example=pd.DataFrame({INPUT_COLUMN: [example]}), pip_requirements=pip_requirements(),
-            registered_model_name="cxr-pneumonia",
-        )
+        info = log_served_model(workdir / "model.keras", workdir / "meta.json",
+                                pd.DataFrame({INPUT_COLUMN: [example]}), registered_model_name="cxr-pneumonia")
     mlflow.MlflowClient().set_registered_model_alias("cxr-pneumonia", "champion", info.registered_model_version)
     return tracking_uri
 
@@ -222,12 +217,12 @@ def main() -> None:
         finally:
             stop_model_server(proc)
 
-    size = model.unwrap_python_model().image_size
+    size = model.unwrap_python_model().classifier.image_size
     print(f"model: {model_uri}{'' if args.model_uri else ' (untrained, default ConvNetConfig)'}, input {size}x{size}; "
           f"{os.cpu_count()} CPU cores; {args.requests} single-image calls per path\n")
     print(latency_table(cases), end="\n\n")
     print(throughput_table(args.batch_size, batches), end="\n\n")
-    print(breakdown_table(model.unwrap_python_model(), images, full_size, args.batch_size))
+    print(breakdown_table(model.unwrap_python_model().classifier, images, full_size, args.batch_size))
 
 
 if __name__ == "__main__":

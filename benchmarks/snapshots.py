@@ -33,9 +33,10 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.evaluate import cross_fit_stressed  # noqa: E402
+from cxr_model.fitting import fit_recipe  # noqa: E402
+from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.model import ConvNetConfig, build_convnet  # noqa: E402
 from cxr_model.stress import STRESSES, stresses  # noqa: E402
-from cxr_model.train import compile_forward, fit_recipe  # noqa: E402
 
 RECIPE = "geometry"  # the default profile's training recipe
 

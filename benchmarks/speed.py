@@ -27,13 +27,16 @@ import tensorflow as tf  # noqa: E402
 from quality import timed_run  # noqa: E402
 from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference_augmentation, reference_flops  # noqa: E402
 
+from cxr_model.augmentation import build_augmentation  # noqa: E402
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold  # noqa: E402
-from cxr_model.model import ConvNetConfig, build_augmentation, build_convnet, count_flops  # noqa: E402
+from cxr_model.fitting import fit_recipe  # noqa: E402
+from cxr_model.inference import compile_forward  # noqa: E402
+from cxr_model.model import ConvNetConfig, build_convnet, count_flops  # noqa: E402
+from cxr_model.pipelines import make_dataset  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
-from cxr_model.train import compile_forward, fit_recipe, make_dataset  # noqa: E402
 
 FLOW_FIRST_SEED = 42  # the default flows' seeds: 42, 43, ...
 # the reference's quality (the issue's one run): a speed-up counts only where the project's mean reaches both
@@ -140,7 +143,7 @@ def default_flow(data_dir: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PREFECT_HOME=f"{tmp}/prefect",
                    CXR_WORK_DIR=f"{tmp}/work")
-        minutes, peak_gib = timed_run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "default",
+        minutes, peak_gib = timed_run([sys.executable, "-m", "cxr_pneumonia.cli", "train", "--profile", "default",
                                        "--seed", str(seed), "--data-dir", data_dir, "--result-json",
                                        f"{tmp}/result.json"], Path(tmp), env, quiet=True)
         result = json.loads(Path(f"{tmp}/result.json").read_text())

@@ -27,8 +27,8 @@ from tta import registered_validation  # noqa: E402
 
 from cxr_model.config import TTA_VIEWS, TrainConfig  # noqa: E402
 from cxr_model.evaluate import STRESS_CV_RULES, choose_threshold, cross_fit_stressed  # noqa: E402
+from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
-from cxr_model.train import compile_forward  # noqa: E402
 
 RULES = STRESS_CV_RULES  # margin, youden, stressed_margin, stressed_youden
 

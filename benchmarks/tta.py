@@ -32,8 +32,8 @@ from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import TTA_VIEWS, load_config  # noqa: E402
 from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
+from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.stress import stresses  # noqa: E402
-from cxr_model.train import compile_forward  # noqa: E402
 
 VIEW_SETS = TTA_VIEWS  # name -> (scale, width:height) of each view; the choices of `cxr train --tta`
 
@@ -53,7 +53,7 @@ def registered_validation(version: str, name: str, data_dir: str | None):
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
     val = manifest[manifest["split"] == "val"]  # the run's own held-out patients; test is never loaded
     xv, yv = decoded_images(val, cfg.image_size, cfg.cache_dir).take(val), val["label"].to_numpy()
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier.model
     return model, params, xv, yv
 
 

@@ -10,6 +10,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cxr_model.errors import DataError
+
 DATA_ENV = "CXR_DATA_DIR"
 WORK_ENV = "CXR_WORK_DIR"
 
@@ -27,7 +29,7 @@ Antialias = Literal["none", "stem", "pools", "all"]
 Intensity = Literal["standardize", "equalize", "rescale"]
 Optimizer = Literal["adam", "sgd"]
 # how the learning rate moves in the final training: plateau = cut by 0.3 when validation AUC stalls; cosine =
-# from the learning rate down to 0 along half a cosine over the epochs (cxr_model.train.CosineEpochs)
+# from the learning rate down to 0 along half a cosine over the epochs (cxr_model.callbacks.CosineEpochs)
 Schedule = Literal["plateau", "cosine"]
 
 # Rules that pick the decision threshold on validation (see cxr_model.evaluate.choose_threshold). The stressed_
@@ -39,7 +41,7 @@ STRESSED_RULES: tuple[str, ...] = tuple(r for r in THRESHOLD_RULES if r.startswi
 CLEAN_RULES: tuple[str, ...] = tuple(r for r in THRESHOLD_RULES if r not in STRESSED_RULES)
 
 # Test-time views: the probability is averaged over the image magnified by `scale` and stretched to width:height
-# `ratio` about its centre, for each (scale, ratio). Chosen on validation (benchmarks/README.md, Test-time views):
+# `ratio` about its centre, for each (scale, ratio). Chosen on validation (docs/experiments.md, test-time views):
 # the score of a single view follows how large and how wide the chest sits in the frame.
 TestTimeViews = Literal["none", "scale", "aspect", "scale+aspect"]
 _SCALES, _RATIOS = ((0.85, 1.0), (1.15, 1.0)), ((1.0, 0.85), (1.0, 1.18))  # zoomed out / in; narrower / wider
@@ -50,10 +52,6 @@ TTA_VIEWS: dict[str, tuple[tuple[float, float], ...]] = {
     "scale+aspect": ((1.0, 1.0), *_SCALES, *_RATIOS),
 }
 assert set(get_args(TestTimeViews)) == set(TTA_VIEWS), "TestTimeViews must name every TTA_VIEWS entry"
-
-
-class DataConfigError(ValueError):
-    """The dataset folder is missing, misnamed or incomplete."""
 
 
 def _work_dir_from_environment() -> Path:
@@ -70,51 +68,58 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # name of the profile this config started from (logged as a tag); fixed once built, since only building a
-    # config fills it from its profile: assigning another would re-tag it without changing what it holds
-    profile: str = Field("default", frozen=True)
-    data_dir: Path | None = None  # folder with train/, test/ and optional val/ (Kaggle layout)
-    work_dir: Path = Field(default_factory=_work_dir_from_environment)  # decode cache, tuner state, outputs
+    # Each field's description is its `cxr train` flag's help (cxr_pneumonia.cli derives the flags from these
+    # fields) and its entry in docs; a comment above a field says why it is set as it is.
+    profile: str = Field("default", frozen=True, description=(
+        "preset the other fields start from (PROFILES); fixed once built, since only building a config fills it"))
+    data_dir: Path | None = Field(None, description="dataset folder with train/ and test/ (or set CXR_DATA_DIR)")
+    work_dir: Path = Field(default_factory=_work_dir_from_environment, description=(
+        "cache, tuner state and outputs (or set CXR_WORK_DIR; default ./work)"))
     # data
-    image_size: int = Field(128, ge=16, le=1024)  # square side the images are resized to
-    # share of train patients held out for validation: one of round(1/val_fraction) folds, so 0.15 holds out 1/7
-    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
-    max_per_class: int | None = Field(None, ge=2)  # cap images per split and class (smoke runs)
-    seed: int = 42  # one seed for the split, the tuner and weight init
-    # search (the space: ranges of ConvNetHyperModel; see cxr_model.search.SearchSpace)
-    search_blocks: tuple[int, int] = (3, 5)
-    search_filters: tuple[int, ...] = (16, 24, 32)
-    search_convs_per_block: tuple[int, int] = (1, 2)
-    search_dropout: tuple[float, float] = (0.1, 0.5)
-    search_dense_units: tuple[int, ...] = (0, 64, 128)
-    search_learning_rate: tuple[float, float] = (3e-4, 3e-3)
-    head: Head = "gap"  # classifier head of every trial (cxr_model.model.ConvNetConfig.head)
-    block: Block = "plain"  # conv block of every trial (cxr_model.model.ConvNetConfig.block)
-    # anti-aliased downsampling in every trial: none, stem, pools or all (cxr_model.model.ConvNetConfig.antialias)
-    antialias: Antialias = "none"
-    # per-image intensity normalisation inside the model (cxr_model.model.ConvNetConfig.intensity)
-    intensity: Intensity = "standardize"
-    tuner: Literal["random", "bayesian", "hyperband"] = "random"
-    max_trials: int = Field(4, ge=1)  # random/bayesian trials (hyperband sizes itself from search_epochs)
-    search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)
-    search_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the training split each trial sees
-    resume: bool = False  # continue the search state in work_dir instead of starting over
+    image_size: int = Field(128, ge=16, le=1024, description="square side the images are resized to, in pixels")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description=(
+        "share of train patients held out for validation: one of round(1/val_fraction) patient-grouped folds"))
+    max_per_class: int | None = Field(None, ge=2, description="cap images per split and class (smoke runs)")
+    seed: int = Field(42, description="one seed for the split, the tuner and weight initialisation")
+    # search: the space (cxr_model.search.SearchSpace takes its ranges from these fields)
+    search_blocks: tuple[int, int] = Field((3, 5), description="conv blocks after the stem (MIN MAX)")
+    search_filters: tuple[int, ...] = Field((16, 24, 32), description="filters of the first block to choose from")
+    search_convs_per_block: tuple[int, int] = Field((1, 2), description="3x3 convs per block (MIN MAX)")
+    search_dropout: tuple[float, float] = Field((0.1, 0.5), description="dropout after pooling (MIN MAX, step 0.1)")
+    search_dense_units: tuple[int, ...] = Field((0, 64, 128), description="hidden dense units to choose from (0: none)")
+    search_learning_rate: tuple[float, float] = Field((3e-4, 3e-3), description="learning rate (MIN MAX, log-uniform)")
+    head: Head = Field("gap", description=(
+        "classifier head: global average pooling, flatten, or average and max pooling side by side"))
+    block: Block = Field("plain", description=(
+        "conv block: a chain of convs, the chain plus a shortcut from its input (ResNet), or depthwise-separable "
+        "convs (a 3x3 filter per channel, then a 1x1 mix)"))
+    antialias: Antialias = Field("none", description=(
+        "low-pass filter before downsampling (BlurPool): in a full-resolution stem, in every max-pool, or both"))
+    intensity: Intensity = Field("standardize", description=(
+        "intensity normalisation inside the model: per image to zero mean and unit variance, per image by "
+        "histogram equalization, or 0..255 to -1..1 for every image alike"))
+    tuner: Literal["random", "bayesian", "hyperband"] = Field("random", description="Keras-Tuner's search algorithm")
+    max_trials: int = Field(4, ge=1, description="random/bayesian trials (hyperband sizes itself from search_epochs)")
+    search_epochs: int = Field(3, ge=1, description="epochs per trial (hyperband: max epochs)")
+    search_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training split each trial sees")
+    resume: bool = Field(False, description="continue the saved search state instead of starting over")
     # training
-    epochs: int = Field(12, ge=1)  # upper bound; early stopping on validation decides
-    batch_size: int = Field(32, ge=1)
-    patience: int = Field(4, ge=1)  # early stopping patience (epochs without val AUC gain)
-    train_minutes: float | None = Field(None, ge=0)  # wall-time budget of the final training; None or 0 = no limit
-    snapshots: int = Field(1, ge=1)  # the model averages the predictions of this many best epochs (by val AUC)
-    # the chosen network is trained this many times (seeds seed, seed+1, ...) and the model averages them all;
-    # train_minutes is the budget of all of them together
-    members: int = Field(1, ge=1, le=16)
-    # the networks of this many best search trials are each trained `members` times and the model averages them
-    # all (networks that differ in depth and width may err less alike than seeds of one network)
-    top_trials: int = Field(1, ge=1, le=8)
-    augment: bool = True
-    # augmentation ranges (AUGMENTATION_FIELDS; each is a `cxr train` flag with its description as help).
-    # Wide geometric ranges on purpose: without them the score follows how large and how wide the chest sits in
-    # the frame (benchmarks/README.md, Recipe).
+    epochs: int = Field(12, ge=1, description="most epochs of the final training; early stopping on validation decides")
+    batch_size: int = Field(32, ge=1, description="images per training step")
+    patience: int = Field(4, ge=1, description="early stopping: epochs without a validation AUC gain")
+    train_minutes: float | None = Field(None, ge=0, description=(
+        "wall-time budget of the final training in minutes, best epoch kept (0 or unset: none)"))
+    snapshots: int = Field(1, ge=1, description=(
+        "the model averages the predictions of this many best epochs by validation AUC (1: best only)"))
+    # networks of one search trial trained from other seeds err less alike; the budget is shared by all of them
+    members: int = Field(1, ge=1, le=16, description=(
+        "train the chosen network this many times (seeds seed, seed+1, ...) and average them (1: one)"))
+    # networks that differ in depth and width may err less alike than seeds of one network
+    top_trials: int = Field(1, ge=1, le=8, description=(
+        "train the networks of this many best search trials (each `members` times) and average them all"))
+    augment: bool = Field(True, description="augment training images (the ranges below)")
+    # Augmentation ranges (AUGMENTATION_FIELDS). Wide geometric ranges on purpose: without them the score follows
+    # how large and how wide the chest sits in the frame (docs/experiments.md, augmentation).
     rotation: float = Field(0.04, ge=0.0, le=0.5, description="largest rotation, as a fraction of a full turn")
     zoom: float = Field(0.35, ge=0.0, le=0.5, description="largest scale change: 0.35 = scale 0.65..1.35")
     translation: float = Field(0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of the side")
@@ -127,34 +132,34 @@ class TrainConfig(BaseModel):
     erase: float = Field(0.0, ge=0.0, le=0.4,
                          description="largest band blanked at the top and at the bottom, as a fraction of the side")
     noise: float = Field(0.04, ge=0.0, le=0.5, description="largest sd of Gaussian noise, as a fraction of 255")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # softer targets: less overconfidence under shift
-    weight_decay: float = Field(0.0, ge=0.0, le=0.5)  # AdamW's decoupled decay of the kernels; 0 = Adam
-    # judge, keep and save an exponential moving average of the weights (Polyak averaging), new = ema * old +
-    # (1 - ema) * current after every step; 0 = off (cxr_model.model.ConvNetConfig.ema)
-    ema: float = Field(0.0, ge=0.0, lt=1.0)
-    # adam, or SGD with Nesterov momentum 0.9, whose learning rates run about 10x Adam's: set
-    # search_learning_rate with it (cxr_model.model.ConvNetConfig.optimizer)
-    optimizer: Optimizer = "adam"
-    schedule: Schedule = "plateau"  # learning rate of the final training (search trials keep theirs constant)
-    # blend each training image with another of its batch, labels alike, by a Beta(mixup, mixup) weight; 0 = off
-    # (final training only: search trials train without it)
-    mixup: float = Field(0.0, ge=0.0, le=2.0)
-    # weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance. Off since session 13: without them the held-out,
-    # stressed-mean and worst-stress scores on validation were higher, the stressed mean in 7 of 8 seeds
-    # (benchmarks/README.md, Recipe, session 13); the imbalance is left to the threshold chosen on validation
-    class_weights: bool = False
-    # draw NORMAL and PNEUMONIA images with equal odds instead (the rarer class recurs, augmented anew each time);
-    # class weights are then not applied
-    balanced_sampling: bool = False
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="softer targets: less overconfidence under shift")
+    weight_decay: float = Field(0.0, ge=0.0, le=0.5,
+                                description="AdamW's decoupled weight decay of the kernels (0: Adam)")
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "judge, keep and save a moving average of the weights with this momentum per step, e.g. 0.99 (0: off)"))
+    optimizer: Optimizer = Field("adam", description=(
+        "adam, or SGD with Nesterov momentum 0.9 (give it ~10x Adam's search_learning_rate)"))
+    schedule: Schedule = Field("plateau", description=(
+        "final training's learning rate: cut when validation AUC stalls, or a cosine down to 0 over the epochs"))
+    mixup: float = Field(0.0, ge=0.0, le=2.0, description=(
+        "final training: blend image pairs by a Beta(a, a) weight, labels alike (0: off)"))
+    # Off by default: without them the held-out, stressed-mean and worst-stress scores on validation were higher,
+    # the stressed mean in 7 of 8 seeds (docs/experiments.md, class weights); the imbalance is left to the
+    # threshold chosen on validation
+    class_weights: bool = Field(False, description="weight the loss against the ~3:1 PNEUMONIA:NORMAL imbalance")
+    balanced_sampling: bool = Field(False, description=(
+        "draw both classes with equal odds in training instead (class weights are then not applied)"))
     # evaluation
-    threshold_rule: ThresholdRule = "stressed_margin"  # see cxr_model.evaluate; chosen in benchmarks/threshold.py
-    tta: TestTimeViews = "scale"  # views averaged at prediction, in evaluation and serving (TTA_VIEWS)
+    threshold_rule: ThresholdRule = Field("stressed_margin", description=(
+        "how the decision threshold is chosen on validation (cxr_model.evaluate)"))
+    tta: TestTimeViews = Field("scale", description="test-time views averaged in evaluation and serving")
     # tracking
-    experiment_name: str = "cxr-pneumonia"
-    model_name: str = "cxr-pneumonia"  # registered model name
-    champion_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy"] = "roc_auc"  # validation; decides `champion`
+    experiment_name: str = Field("cxr-pneumonia", description="MLflow experiment")
+    model_name: str = Field("cxr-pneumonia", description="registered model name")
+    champion_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy"] = Field("roc_auc", description=(
+        "validation metric a new version must beat to take the `champion` alias"))
     # compute
-    threads: int | None = Field(None, ge=1)  # intra-op threads; None = one per core
+    threads: int | None = Field(None, ge=1, description="TensorFlow intra-op threads (default: one per core)")
 
     @model_validator(mode="before")
     @classmethod
@@ -203,10 +208,10 @@ class TrainConfig(BaseModel):
         """The dataset root from the config or CXR_DATA_DIR; a clear error when neither is usable."""
         raw = self.data_dir or os.environ.get(DATA_ENV)
         if not raw:
-            raise DataConfigError(DATASET_HELP)
+            raise DataError(DATASET_HELP)
         path = Path(raw).expanduser().resolve()
         if not path.is_dir():
-            raise DataConfigError(f"Dataset folder {path} does not exist. {DATASET_HELP}")
+            raise DataError(f"Dataset folder {path} does not exist. {DATASET_HELP}")
         return path
 
     def search_space_params(self) -> dict[str, tuple]:
@@ -256,14 +261,14 @@ class TrainConfig(BaseModel):
         return self.work_dir / "outputs"
 
 
-# the TrainConfig fields that are ranges of `cxr_model.model.build_augmentation`
+# the TrainConfig fields that are ranges of `cxr_model.augmentation.build_augmentation`
 AUGMENTATION_FIELDS = ("rotation", "zoom", "translation", "aspect", "erase", "resolution", "contrast", "brightness",
                        "gamma", "noise")
 
 # the whole dataset at 96 px, and the search and training lengths that the `default` and `full` profiles share
 _WHOLE_DATA_RECIPE: dict[str, Any] = dict(
     # 96 px, not 128: over four seeds on validation it raised the stressed mean in every seed and held clean
-    # validation and the worst stress, at about half the time (benchmarks/README.md, Recipe, session 11)
+    # validation and the worst stress, at about half the time (docs/experiments.md, input size)
     image_size=96, max_trials=6, search_epochs=3, search_fraction=0.5, epochs=12, patience=4,
     search_convs_per_block=(1, 1),  # one conv per block keeps an epoch under a minute on 2 cores
 )
@@ -275,7 +280,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         batch_size=16, patience=1, val_fraction=0.25,
     ),
     # the README's main job: whole dataset and a real search, within 20 minutes on the slowest 2-core machine
-    # measured (2.5-3.3 minutes on session 13's)
+    # measured (2.5-3.3 minutes on a faster one)
     "default": dict(
         **_WHOLE_DATA_RECIPE,
         # on the slowest 2-core machine measured, the widest net the search can pick needed ~12.5 min for 12
@@ -285,8 +290,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
     # the best model the project makes: the default's search, then the networks of its three best trials, each
     # trained in full (no time budget), averaged. Networks of different depth and width averaged beat the same
-    # network trained twice under the held-out stresses (benchmarks/README.md, Recipe, session 11); 160 px
-    # (session 8), 1.5x the width and 24 epochs (session 9), and residual blocks (session 10) lost there.
+    # network trained twice under the held-out stresses; 160 px, 1.5x the width and 24 epochs, and residual
+    # blocks lost there (docs/experiments.md).
     "full": dict(**_WHOLE_DATA_RECIPE, top_trials=3),
 }
 

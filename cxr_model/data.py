@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from cxr_model.config import DataConfigError
+from cxr_model.config import TrainConfig
+from cxr_model.errors import DataError
 from cxr_model.preprocess import ImageDecodeError, check_convertible, exif_orientation, open_image
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
@@ -55,12 +56,12 @@ def check_layout(root: Path) -> list[tuple[str, Path]]:
         split_dir = root / split
         if not split_dir.is_dir():
             if split in REQUIRED_SPLITS:
-                raise DataConfigError(f"Missing split folder {split_dir} (expected train/ and test/ in {root})")
+                raise DataError(f"Missing split folder {split_dir} (expected train/ and test/ in {root})")
             continue
         for class_name in CLASSES:
             class_dir = split_dir / class_name
             if not class_dir.is_dir():
-                raise DataConfigError(f"Missing class folder {class_dir} (expected {', '.join(CLASSES)})")
+                raise DataError(f"Missing class folder {class_dir} (expected {', '.join(CLASSES)})")
             folders.append((split, class_dir))
     return folders
 
@@ -91,7 +92,7 @@ def index_dataset(root: str | Path) -> IndexResult:
                 class_name=class_dir.name, patient_id=parse_patient_id(path.name), **info,
             ))
         if found == 0:
-            raise DataConfigError(f"Class folder {class_dir} has no decodable images")
+            raise DataError(f"Class folder {class_dir} has no decodable images")
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     return IndexResult(manifest, pd.DataFrame(skipped, columns=["path", "reason"]))
 
@@ -142,3 +143,26 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     counts = np.bincount(labels.astype(int), minlength=len(CLASSES))
     total = counts.sum()
     return {i: float(total / (len(CLASSES) * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The manifest's rows of one split ("train", "val" or "test"), in manifest order."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; one of {SPLITS}")
+    return manifest[manifest["split"] == split]
+
+
+def index_and_split(cfg: TrainConfig) -> tuple[IndexResult, pd.DataFrame, str]:
+    """(the index, the manifest, its digest): the folder indexed, split by patient and capped as `cfg` says.
+
+    Deterministic for the same files and settings, wherever the folder is mounted, so a search worker rebuilds
+    the chief's manifest from its own copy and checks the digest.
+    """
+    indexed = index_dataset(cfg.resolved_data_dir())
+    manifest = split_by_patient(indexed.manifest, cfg.val_fraction, cfg.seed)
+    if cfg.max_per_class:
+        manifest = cap_per_class(manifest, cfg.max_per_class, cfg.seed)
+    return indexed, manifest, manifest_digest(manifest)

@@ -1,94 +1,46 @@
-"""The served model: an MLflow pyfunc around the Keras model, base64 image files in, probabilities out.
+"""What the served model does, without MLflow: base64 image files in, probability, label and threshold out.
 
 A request is one string column `image`, one base64-encoded image file per row (JPEG, PNG or anything
 Pillow reads, any size and mode); each row is decoded by `decode_image`, the decoder training uses, and a blank
-frame or a colour image is refused (`check_not_blank`, `check_not_colour`). A batch
-is scored whole or not at all: if any row is bad, the request fails with HTTP 400, the message names every
-bad row and its problem, and the good rows are not scored (send them again without the bad ones; the
-error body's `errors` list gives the bad row numbers, 0-based). `cxr predict` does exactly that.
-
-Imports MLflow, so only the registry task, the serving process and in-process `cxr predict` import it.
+frame or a colour image is refused (`check_not_blank`, `check_not_colour`). A batch is scored whole or not at
+all: if any row is bad, `BadRequest` names every bad row and its problem, and the good rows are not scored (send
+them again without the bad ones; its `errors` list gives the bad row numbers, 0-based). The MLflow pyfunc
+wrapper (`cxr_pneumonia.pyfunc`) turns `BadRequest` into HTTP 400.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, Schema
 
+import cxr_model.layers  # noqa: F401  (registers the model's own layers before loading)
 from cxr_model.evaluate import called_pneumonia
+from cxr_model.inference import compile_forward
 from cxr_model.preprocess import MAX_PIXELS, decode_image_and_colour
-from cxr_model.train import compile_forward
 
 INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ("probability", "label", "threshold")
 LABELS = ("NORMAL", "PNEUMONIA")
 MAX_ERRORS_IN_MESSAGE = 5  # the message stays short; the `errors` list has every bad row
-
-SIGNATURE = ModelSignature(
-    # Optional only so that a missing column reaches `predict`, whose message is one line; MLflow's own
-    # schema check would answer with the whole request (megabytes of base64) pasted into the message.
-    inputs=Schema([ColSpec("string", INPUT_COLUMN, required=False)]),
-    outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold")]),
-)
-
-# Packages the served model imports, pinned at the installed versions (saves MLflow's slow inference).
-# TensorFlow is pinned under the name it was installed as: tensorflow-cpu here, tensorflow on a GPU worker or a Mac.
-SERVED_PACKAGES = ("mlflow", "cloudpickle", ("tensorflow-cpu", "tensorflow"), "keras", "numpy", "pandas", "pillow",
-                   "scikit-learn")
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def pip_requirements() -> list[str]:
-    """`pip_requirements` for `mlflow.pyfunc.log_model`: the served model's imports at installed versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for names in SERVED_PACKAGES:
-        for name in (names,) if isinstance(names, str) else names:
-            try:
-                pins.append(f"{name}=={version(name)}")
-                break
-            except PackageNotFoundError:
-                continue
-        else:
-            raise RuntimeError(f"None of {names} is installed; the served model needs it")
-    return pins
-
-
-class RequestError(MlflowException):
-    """A bad request: HTTP 400 with a short message naming each bad row, and the rows as JSON `errors`."""
+class BadRequest(ValueError):
+    """A request that cannot be scored: a one-line `message`, and `errors` ({"row", "error"}) for each bad row
+    (empty when the whole request is bad, e.g. no `image` column)."""
 
     def __init__(self, message: str, errors: list[dict] | None = None):
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE, **({"errors": errors} if errors else {}))
-
-    @property
-    def message(self) -> str:
-        return self._message
-
-    @message.setter
-    def message(self, value: str) -> None:
-        # The scoring server rewrites the message to "Failed to predict data '<the request>'. Error: ...", which
-        # buries the reason under the request's base64 text; clients get the message this error was raised with.
-        if not hasattr(self, "_message"):
-            self._message = value
-
-    @property
-    def errors(self) -> list[dict]:
-        """[{"row": 0-based row, "error": reason}] for each bad row; empty when the whole request is bad."""
-        return self.json_kwargs.get("errors", [])
+        super().__init__(message)
+        self.message, self.errors = message, list(errors or [])
 
 
 def encode_file(path: str | Path) -> str:
@@ -139,7 +91,7 @@ def check_not_colour(share: float) -> None:
 
 
 def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """(N, S, S, 1) uint8 from base64 image files; RequestError naming every bad row if any is bad (a file that is
+    """(N, S, S, 1) uint8 from base64 image files; BadRequest naming every bad row if any is bad (a file that is
     not a decodable image, a colour one: `check_not_colour`, or a blank one: `check_not_blank`)."""
     batch, errors = [], []
     for row, value in enumerate(values):
@@ -153,40 +105,40 @@ def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX
     if errors:
         listed = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:MAX_ERRORS_IN_MESSAGE])
         more = f"; and {len(errors) - MAX_ERRORS_IN_MESSAGE} more" if len(errors) > MAX_ERRORS_IN_MESSAGE else ""
-        raise RequestError(
+        raise BadRequest(
             f"{len(errors)} of {len(values)} rows could not be read as images, so no row was scored: {listed}{more}",
             errors=errors,
         )
     return np.stack(batch) if batch else np.zeros((0, image_size, image_size, 1), np.uint8)  # (N, S, S, 1)
 
 
-class CxrPneumoniaModel(PythonModel):
-    """Keras convnet + the validation-chosen threshold, behind the pyfunc interface."""
+class ServedClassifier:
+    """The Keras model with the validation-chosen threshold and test-time views, scoring request rows."""
 
-    def load_context(self, context) -> None:
-        import keras
-
-        import cxr_model.model  # noqa: F401  (registers the custom layer before loading)
-
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        self.threshold = float(meta["threshold"])
-        self.image_size = int(meta["image_size"])
-        # the test-time views the threshold was chosen with (models from before views were recorded: one)
-        self.views = tuple((float(s), float(r)) for s, r in meta.get("views", [[1.0, 1.0]]))
-        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+    def __init__(self, model_path: str | Path, threshold: float, image_size: int,
+                 views: Sequence[Sequence[float]] = ((1.0, 1.0),)):
+        self.threshold, self.image_size = float(threshold), int(image_size)
+        self.views = tuple((float(s), float(r)) for s, r in views)
+        self.model = keras.models.load_model(model_path, compile=False)
         self.forward = compile_forward(self.model, views=self.views)
         self.forward(np.zeros((1, self.image_size, self.image_size, 1), np.uint8))  # trace now, not on request 1
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Probability, label and threshold per row of base64 image files in column `image`."""
-        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+    @classmethod
+    def from_meta(cls, model_path: str | Path, meta: dict) -> ServedClassifier:
+        """From the `meta.json` registered with the model (models from before views were recorded: one view)."""
+        return cls(model_path, meta["threshold"], meta["image_size"], meta.get("views", [[1.0, 1.0]]))
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Probability, label and threshold per row of base64 image files in column `image`; BadRequest if any
+        row (or the column) is bad."""
+        if not isinstance(frame, pd.DataFrame) or INPUT_COLUMN not in frame.columns:
             # MLflow drops columns the signature lacks before `predict`, so over HTTP there is nothing to list
-            found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else []
-            raise RequestError(
+            found = list(frame.columns) if isinstance(frame, pd.DataFrame) else []
+            raise BadRequest(
                 f"the request has no column '{INPUT_COLUMN}'{f' (got {found})' if found else ''}: send one string "
                 f"column named '{INPUT_COLUMN}' holding a base64-encoded image file per row (other columns are ignored)"
             )
-        images = decode_request_rows(model_input[INPUT_COLUMN].tolist(), self.image_size)
+        images = decode_request_rows(frame[INPUT_COLUMN].tolist(), self.image_size)
         prob = self.forward(images).astype("float64")
         return pd.DataFrame({
             "probability": prob,

@@ -8,14 +8,14 @@ import mlflow
 from prefect import flow, runtime
 
 from cxr_model.config import TrainConfig
-from cxr_model.train import configure_threads
-from tasks.data import load_data
-from tasks.evaluate import evaluate
-from tasks.register import register
-from tasks.search import search
-from tasks.tracking import git_commit
-from tasks.training import train_model
-from tasks.visualize import visualize
+from cxr_model.runtime import configure_threads
+from cxr_pneumonia.tasks.data import load_data
+from cxr_pneumonia.tasks.evaluate import evaluate
+from cxr_pneumonia.tasks.register import register
+from cxr_pneumonia.tasks.search import search
+from cxr_pneumonia.tasks.tracking import git_commit, record_config
+from cxr_pneumonia.tasks.training import train_model
+from cxr_pneumonia.tasks.visualize import visualize
 
 
 def prefect_tags() -> dict[str, str]:
@@ -45,15 +45,15 @@ def train_flow(cfg: TrainConfig) -> dict:
 
     def timed(stage: str, task, *args):
         started = time.perf_counter()
+        print(f"[{stage}] started")
         out = task(*args)
         seconds[stage] = time.perf_counter() - started
+        print(f"[{stage}] done in {seconds[stage]:.0f} s")
         return out
 
     with mlflow.start_run(run_name=f"{cfg.profile}-{cfg.tuner}", tags=tags) as run:
         run_id = run.info.run_id
-        settings = cfg.model_dump(mode="json")
-        mlflow.log_params({f"cfg/{k}": v for k, v in settings.items()})
-        mlflow.log_dict(settings, "config.json")  # the whole config, typed: what a search worker reads back
+        record_config(cfg, run_id)
         data = timed("load", load_data, cfg, run_id)
         timed("visualize", visualize, cfg, data, run_id)
         top_hparams = timed("search", search, cfg, data, run_id)  # the best cfg.top_trials trials, best first

@@ -12,9 +12,8 @@ from pydantic import BaseModel
 
 from cxr_model.cache import DecodedImages, decoded_images
 from cxr_model.config import TrainConfig
-from cxr_model.data import cap_per_class, cross_split_duplicates, index_dataset, manifest_digest, split_by_patient
-from cxr_model.train import recipe_datasets
-from tasks.tracking import in_run
+from cxr_model.data import SPLITS, cross_split_duplicates, index_and_split, split_rows
+from cxr_pneumonia.tasks.tracking import in_run
 
 
 class DataHandle(BaseModel):
@@ -29,42 +28,18 @@ def read_manifest(handle: DataHandle) -> pd.DataFrame:
 
 
 def open_data(cfg: TrainConfig, handle: DataHandle) -> tuple[pd.DataFrame, DecodedImages]:
-    """The manifest and its decoded-image cache (already warm after `load_data`)."""
+    """The manifest and its decoded-image cache (already warm after `load_data`); `split_rows` picks a split."""
     manifest = read_manifest(handle)
     return manifest, decoded_images(manifest, cfg.image_size, cfg.cache_dir)
 
 
-def fit_datasets(cfg: TrainConfig, images: DecodedImages, train: pd.DataFrame, val: pd.DataFrame,
-                 mixup: bool = True):
-    """(train, validation) tf.data pipelines for `fit`: train shuffled and augmented (if enabled), val as is.
-
-    `mixup=False` leaves out `cfg.mixup` (the search: its trials train on plain images).
-    """
-    cfg = cfg if mixup else cfg.model_copy(update={"mixup": 0.0})
-    return recipe_datasets(cfg, images.take(train), train["label"].to_numpy(), images.take(val),
-                           val["label"].to_numpy())
-
-
 def _log_split_inputs(manifest: pd.DataFrame, source: str, digest: str) -> None:
-    for split in ("train", "val", "test"):
-        part = manifest[manifest["split"] == split].reset_index(drop=True)
+    for split in SPLITS:
+        part = split_rows(manifest, split).reset_index(drop=True)
         dataset = mlflow.data.from_pandas(
             part, source=source, targets="label", name=f"chest_xray-{split}", digest=f"{digest}-{split}"
         )
         mlflow.log_input(dataset, context=split)
-
-
-def index_and_split(cfg: TrainConfig):
-    """(the index, the manifest, its digest): the folder indexed, split by patient and capped as `cfg` says.
-
-    Deterministic for the same files and settings, wherever the folder is mounted, so a search worker rebuilds
-    the chief's manifest from its own copy and checks the digest.
-    """
-    indexed = index_dataset(cfg.resolved_data_dir())
-    manifest = split_by_patient(indexed.manifest, cfg.val_fraction, cfg.seed)
-    if cfg.max_per_class:
-        manifest = cap_per_class(manifest, cfg.max_per_class, cfg.seed)
-    return indexed, manifest, manifest_digest(manifest)
 
 
 @task(name="load-data", cache_policy=NONE)

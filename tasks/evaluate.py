@@ -12,10 +12,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
-import cxr_model.model  # noqa: F401  (registers the custom layer for loading)
+import cxr_model.layers  # noqa: F401  (registers the model's own layers for loading)
 from cxr_model import plots
 from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
+from cxr_model.data import split_rows
 from cxr_model.evaluate import (
     binary_metrics,
     called_pneumonia,
@@ -25,11 +26,11 @@ from cxr_model.evaluate import (
     cross_fit_stressed,
 )
 from cxr_model.gradcam import gradcam
+from cxr_model.inference import compile_forward
 from cxr_model.stress import stressed_scores
-from cxr_model.train import compile_forward
-from tasks.data import DataHandle, open_data
-from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
-from tasks.training import TrainedModel
+from cxr_pneumonia.tasks.data import DataHandle, open_data
+from cxr_pneumonia.tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
+from cxr_pneumonia.tasks.training import TrainedModel
 
 
 class Evaluation(BaseModel):
@@ -106,7 +107,7 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     """Choose the threshold on validation, then score the test split once with it."""
     manifest, images = open_data(cfg, data)
     model = keras.models.load_model(trained.model_path, compile=False)
-    val, test = (manifest[manifest["split"] == s] for s in ("val", "test"))
+    val, test = (split_rows(manifest, s) for s in ("val", "test"))
     y_val, y_test = val["label"].to_numpy(), test["label"].to_numpy()
     predict = compile_forward(model, views=cfg.views)  # traced once for both splits
     x_val = images.take(val)

@@ -21,13 +21,14 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from pydantic import BaseModel
 
-import cxr_model
 from cxr_model.config import TrainConfig
-from cxr_model.serving import INPUT_COLUMN, SIGNATURE, CxrPneumoniaModel, encode_file, pip_requirements
-from tasks.data import DataHandle, read_manifest
-from tasks.evaluate import Evaluation
-from tasks.tracking import in_run
-from tasks.training import TrainedModel
+from cxr_model.data import split_rows
+from cxr_model.serving import INPUT_COLUMN, encode_file
+from cxr_pneumonia.tasks.data import DataHandle, read_manifest
+from cxr_pneumonia.tasks.evaluate import Evaluation
+from cxr_pneumonia.tasks.packaging import log_served_model
+from cxr_pneumonia.tasks.tracking import IO_RETRIES, in_run, retry_on_io
+from cxr_pneumonia.tasks.training import TrainedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "val_score"
@@ -178,6 +179,16 @@ def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterato
         yield
 
 
+@task(name="describe-version", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5,
+      retry_condition_fn=retry_on_io)
+def describe_version(name: str, version: str, card: str, tags: dict[str, str]) -> None:
+    """Set a registered version's model card and tags (idempotent, so retried when the registry fails)."""
+    client = MlflowClient()
+    client.update_model_version(name, version, description=card)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
 @task(name="register", cache_policy=NONE)
 def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluation: Evaluation,
              run_id: str) -> Registration:
@@ -188,24 +199,16 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
                 run_id=run_id)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     manifest = read_manifest(data)
-    example_path = manifest[manifest["split"] == "val"]["path"].iloc[0]
+    example_path = split_rows(manifest, "val")["path"].iloc[0]
     example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_path)]})
     score = float(evaluation.val[cfg.champion_metric])
     with in_run(run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=CxrPneumoniaModel(),
-            artifacts={"keras_model": trained.model_path, "meta": str(out / "meta.json")},
-            code_paths=[str(Path(cxr_model.__file__).parent)], signature=SIGNATURE, input_example=example,
-            pip_requirements=pip_requirements(),
-            registered_model_name=cfg.model_name,
-        )
+        info = log_served_model(trained.model_path, out / "meta.json", example, registered_model_name=cfg.model_name)
         version = str(info.registered_model_version)
+        describe_version(cfg.model_name, version, model_card(cfg, evaluation, data.digest, run_id),
+                         {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
+                          "test_accuracy": f"{evaluation.test['accuracy']:.4f}"})
         client = MlflowClient()
-        client.update_model_version(cfg.model_name, version,
-                                    description=model_card(cfg, evaluation, data.digest, run_id))
-        for key, value in {"data_digest": data.digest, "profile": cfg.profile, "run_id": run_id,
-                           "test_accuracy": f"{evaluation.test['accuracy']:.4f}"}.items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
         try:
             with registry_lock(cfg.model_name):  # the read of the champion and the alias move, as one step
                 alias, previous = assign_alias(client, cfg.model_name, version, score, score_basis(cfg, data.digest))

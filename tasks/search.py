@@ -1,50 +1,48 @@
-"""Search task: Keras-Tuner over the convnet, one nested MLflow run per trial, resumable state."""
+"""Search tasks: Keras-Tuner over the convnet (`cxr_model.search`), one nested MLflow run per trial.
+
+`search` runs in the training flow (in one process, or as a distributed search's chief); `join_search` and
+`run_worker_trials` are a search worker's (flows/search_worker_flow.py).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl  # POSIX; without it (Windows) the search state is not locked
-except ImportError:  # pragma: no cover - not reached on the POSIX machines this runs on
-    fcntl = None
-
-import grpc
 import keras
-import keras_tuner as kt
 import mlflow
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
+from pydantic import BaseModel
 
 from cxr_model.cache import decoded_images
-from cxr_model.config import DataConfigError, TrainConfig
+from cxr_model.config import TrainConfig
+from cxr_model.data import index_and_split
 from cxr_model.distributed import (
     PORT_TAG,
-    TUNER_ID,
-    SearchRole,
     check_can_serve,
     check_tuner,
     flow_role,
+    wait_for_oracle,
     worker_instructions,
     worker_role,
 )
+from cxr_model.errors import ConfigError, DataError
+from cxr_model.runtime import configure_threads
 from cxr_model.search import (
     ConvNetHyperModel,
     SearchSpace,
+    adopt_tuner_state,
     best_distinct_trials,
+    check_same_space,
     completed_trials,
     make_tuner,
-    sample_config,
+    search_done,
+    search_setup,
+    state_lock,
 )
-from cxr_model.train import averaged_weights_callbacks, configure_threads
-from tasks.data import DataHandle, fit_datasets, index_and_split, open_data
-from tasks.tracking import MlflowEpochLogger, in_run
+from cxr_pneumonia.tasks.data import DataHandle, open_data
+from cxr_pneumonia.tasks.tracking import MlflowEpochLogger, in_run
 
 
 class MlflowTrials:
@@ -55,7 +53,8 @@ class MlflowTrials:
     def run_trial(self, trial, *args, **kwargs):
         tags = {"cxr.role": "trial", "trial_id": str(trial.trial_id), "tuner_id": self.tuner_id}
         self.ran_trials = [*getattr(self, "ran_trials", []), str(trial.trial_id)]
-        _retire_unfinished_runs(self.parent_run_id, str(trial.trial_id))
+        retire_unfinished_runs(self.parent_run_id, str(trial.trial_id))
+        print(f"Trial {trial.trial_id} started: {trial.hyperparameters.values}")
         with mlflow.start_run(run_name=f"trial-{trial.trial_id}", nested=True,
                               parent_run_id=self.parent_run_id, tags=tags):
             mlflow.log_params({**trial.hyperparameters.values, "trial/image_size": self.hypermodel.image_size})
@@ -64,11 +63,11 @@ class MlflowTrials:
             results = super().run_trial(trial, *args, **kwargs)
             seconds = time.perf_counter() - started
             mlflow.log_metric("trial/seconds", seconds)
-            print(f"Trial {trial.trial_id} finished in {seconds:.0f} s: {trial.hyperparameters.values}")
+            print(f"Trial {trial.trial_id} finished in {seconds:.0f} s")
             return results
 
 
-def _retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
+def retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
     """Mark KILLED an earlier run of this trial that never finished: a worker that died mid-trial, whose trial
     Keras-Tuner hands again to the restarted worker. One finished run per trial stays the rule."""
     client = mlflow.MlflowClient()
@@ -81,90 +80,12 @@ def _retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def search_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """A label-stratified share of the training split for cheaper trials."""
-    if fraction >= 1.0:
-        return train
-    return train.groupby("label", group_keys=False).sample(frac=fraction, random_state=seed)
-
-
-@contextmanager
-def state_lock(state_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the search state folder `state_dir` (the file `<state_dir>.lock` beside it).
-
-    Two flows with the same data and trial settings share one state folder: without the lock, one starting over
-    (Keras-Tuner's overwrite) would delete the other's trials mid-search, and two resuming would write one oracle
-    at once. The second flow waits, saying so, and then starts over or resumes as it was asked. An OS file lock
-    (`flock`): it holds across processes on one machine whatever the Prefect server, and it is released when the
-    process ends, however it ends.
-    """
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        print(f"No file locks on this platform: the search state {state_dir} is not locked against other flows")
-        yield
-        return
-    with open(f"{state_dir}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"Another flow (pid {_holder(handle)}) is searching with the same data and settings in {state_dir}; "
-                  "waiting for it to finish")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _holder(handle) -> str:
-    """The process id the lock's holder wrote, or '?'."""
-    handle.seek(0)
-    return handle.read().strip() or "?"
-
-
-def _search_setup(cfg: TrainConfig, manifest: pd.DataFrame, images, digest: str):
-    """What every process of one search shares: the trial datasets, the state folder's name, the fit arguments."""
-    train = search_subset(manifest[manifest["split"] == "train"], cfg.search_fraction, cfg.seed)
-    val = manifest[manifest["split"] == "val"]
-    train_ds, val_ds = fit_datasets(cfg, images, train, val, mixup=False)  # mixup is the final training's only
-    # Resuming only makes sense for the same data and the same trial settings: they name the state folder.
-    project_name = f"{cfg.tuner}-{digest}-{cfg.image_size}px-{cfg.search_state_key()}"
-    fit = dict(validation_data=val_ds, epochs=cfg.search_epochs,  # class weights ride in train_ds
-               callbacks=[*averaged_weights_callbacks(bool(cfg.ema)),  # trials judged as runs are
-                          keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)],
-               verbose=0)
-    return train_ds, fit, project_name
-
-
 def _tuner(cfg: TrainConfig, directory: Path, project_name: str, resume: bool, parent_run_id: str):
-    space = SearchSpace(**cfg.search_space_params())
-    tuner = make_tuner(cfg.tuner, ConvNetHyperModel(cfg.image_size, space), directory, project_name=project_name,
-                       max_trials=cfg.max_trials, search_epochs=cfg.search_epochs, seed=cfg.seed, resume=resume,
-                       base=MlflowTrials)
+    tuner = make_tuner(cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace.from_config(cfg)), directory,
+                       project_name=project_name, max_trials=cfg.max_trials, search_epochs=cfg.search_epochs,
+                       seed=cfg.seed, resume=resume, base=MlflowTrials)
     tuner.parent_run_id = parent_run_id
     return tuner
-
-
-def _adopt_tuner_state(state_dir: Path, tuner_id: str) -> None:
-    """Let a search resume whichever way it ran before: Keras-Tuner reloads only its own `<tuner id>.json`, which a
-    search in one process writes as tuner0 and a distributed chief as chief. Without the file it would start over
-    and overwrite the oracle's state."""
-    own = state_dir / f"{tuner_id}.json"
-    others = sorted(p for p in state_dir.glob("*.json") if p.name != "oracle.json" and p != own)
-    if not own.exists() and others:
-        shutil.copyfile(others[0], own)
-
-
-def _search_done(oracle) -> bool:
-    """A resumed search with every trial already run, completed or failed for good (a chief would otherwise wait
-    for workers with nothing to do). Hyperband has no fixed trial count: never done by this test."""
-    trials = list(oracle.trials.values())
-    return bool(oracle.max_trials) and len(trials) >= oracle.max_trials and all(
-        t.status in ("COMPLETED", "FAILED") for t in trials)
 
 
 @task(name="search", cache_policy=NONE)
@@ -177,17 +98,17 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     role = flow_role(cfg.tuner)
     keras.utils.set_random_seed(cfg.seed)
     manifest, images = open_data(cfg, data)
-    train_ds, fit, project_name = _search_setup(cfg, manifest, images, data.digest)
-    state_dir = cfg.tuner_dir / project_name
+    setup = search_setup(cfg, manifest, images, data.digest)
+    state_dir = cfg.tuner_dir / setup.project_name
     serving = False
     with state_lock(state_dir), in_run(run_id):  # one flow at a time per state folder
         if cfg.resume and not state_dir.is_dir():
             print(f"--resume: no search state for these data and settings at {state_dir} "
                   "(a setting that scores trials differently starts a new search); starting a new one")
         if cfg.resume:
-            _adopt_tuner_state(state_dir, role.tuner_id if role is not None else "tuner0")
-        tuner = _tuner(cfg, cfg.tuner_dir, project_name, cfg.resume, run_id)
-        if role is not None and _search_done(tuner.oracle):
+            adopt_tuner_state(state_dir, role.tuner_id if role is not None else "tuner0")
+        tuner = _tuner(cfg, cfg.tuner_dir, setup.project_name, cfg.resume, run_id)
+        if role is not None and search_done(tuner.oracle):
             print(f"Search chief: the resumed search in {state_dir} has run all its trials; not serving")
         else:
             if role is not None:
@@ -195,7 +116,7 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
                 mlflow.set_tags({PORT_TAG: str(role.port), "cxr.search_oracle": role.address})
                 serving = True
                 print(worker_instructions(role, run_id))
-            tuner.search(train_ds, **fit)  # on the chief: serves the oracle until the workers are done
+            tuner.search(setup.train, **setup.fit)  # on the chief: serves the oracle until the workers are done
             if serving:
                 # Keras-Tuner saves the oracle before it drops an ended trial from the running ones, and only a
                 # trial's end saves it on a chief: without this the last trial would run again on --resume
@@ -217,18 +138,6 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in t.hyperparameters.values.items()} for t in top]
 
 
-def wait_for_oracle(role: SearchRole, wait_s: float) -> None:
-    """Return once the chief's oracle accepts a connection; DataConfigError after `wait_s` without one."""
-    channel = grpc.insecure_channel(role.address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=wait_s)
-    except grpc.FutureTimeoutError:
-        raise DataConfigError(f"no search chief answers at {role.address} (waited {wait_s:.0f} s): start "
-                              f"`cxr train` with {TUNER_ID}=chief there first") from None
-    finally:
-        channel.close()
-
-
 def find_chief_run(port: int, wait_s: float = 0.0, poll_s: float = 5.0) -> str:
     """The id of the one running flow whose search serves on `port`, waiting up to `wait_s` for it.
 
@@ -246,46 +155,39 @@ def find_chief_run(port: int, wait_s: float = 0.0, poll_s: float = 5.0) -> str:
             return runs[0].info.run_id
         if len(runs) > 1:
             listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs)
-            raise DataConfigError(f"{len(runs)} running flows say they serve a search on port {port}: {listed}. A "
-                                  "chief that crashed leaves its run RUNNING: name the live one with --run-id (and "
-                                  "mark the others failed in MLflow)")
+            raise ConfigError(f"{len(runs)} running flows say they serve a search on port {port}: {listed}. A "
+                              "chief that crashed leaves its run RUNNING: name the live one with --run-id (and "
+                              "mark the others failed in MLflow)")
         if time.monotonic() >= deadline:
-            raise DataConfigError(f"no running `cxr train` serves a search on port {port} in the tracking store "
-                                  f"{mlflow.get_tracking_uri()}: the chief must log to the same MLFLOW_TRACKING_URI, "
-                                  "or name its run with --run-id")
+            raise ConfigError(f"no running `cxr train` serves a search on port {port} in the tracking store "
+                              f"{mlflow.get_tracking_uri()}: the chief must log to the same MLFLOW_TRACKING_URI, "
+                              "or name its run with --run-id")
         time.sleep(poll_s)
 
 
-def _check_same_space(tuner, cfg: TrainConfig, run_id: str, role: SearchRole) -> None:
-    """DataConfigError if the oracle on the port searches another space than the run's config says."""
-    hp = kt.HyperParameters()
-    sample_config(hp, cfg.image_size, SearchSpace(**cfg.search_space_params()))
-    hp = kt.HyperParameters.from_proto(hp.to_proto())  # as the oracle's came over gRPC (which fills in defaults)
-    remote = tuner.oracle.get_space()
-    ours, theirs = ({h.name: h.get_config() for h in space.space} for space in (hp, remote))
-    if ours != theirs:
-        raise DataConfigError(f"the oracle at {role.address} searches another space than run {run_id}'s config: is "
-                              f"the port another chief's? (oracle: {sorted(theirs)}; run: {sorted(ours)})")
+class ChiefRun(BaseModel):
+    """The search a worker joins: the chief's run, its experiment and its config as this machine runs it."""
+
+    run_id: str
+    experiment_id: str
+    cfg: TrainConfig
+    data_digest: str
 
 
-def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, threads: int | None = None,
-                  run_id: str | None = None, wait_s: float = 600.0) -> dict:
-    """Run trials for a distributed search's chief until it has no more; return what this worker ran.
+@task(name="join-search", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def join_search(data_dir: Path | None, work_dir: Path | None, threads: int | None, run_id: str | None,
+                wait_s: float) -> ChiefRun:
+    """Find the chief's run and read its config; only the paths and the thread count are this machine's.
 
-    The settings come from the chief's run (its `config.json`), so a worker cannot score trials with other
-    settings; only the paths (`data_dir`, `work_dir`) and the thread count are this machine's. The worker rebuilds
-    the manifest from its own copy of the data and refuses to start if its digest is not the chief's. Each trial
-    is a nested MLflow run of the chief's run, tagged with the worker's tuner id.
+    Retried: it only reads (the oracle's port, the tracking server), and a server that restarts answers again.
     """
     role = worker_role()
-    configure_threads(threads)
     started = time.monotonic()
     wait_for_oracle(role, wait_s)
     run_id = run_id or find_chief_run(role.port, max(0.0, wait_s - (time.monotonic() - started)))
-    client = mlflow.MlflowClient()
-    chief = client.get_run(run_id)
+    chief = mlflow.MlflowClient().get_run(run_id)
     if chief.info.status != "RUNNING":
-        raise DataConfigError(f"run {run_id} is {chief.info.status}, not a search in progress")
+        raise ConfigError(f"run {run_id} is {chief.info.status}, not a search in progress")
     settings = mlflow.artifacts.load_dict(f"{chief.info.artifact_uri.rstrip('/')}/config.json")
     settings.update(data_dir=data_dir, threads=threads)
     if work_dir is not None:
@@ -294,23 +196,35 @@ def search_worker(data_dir: Path | None = None, work_dir: Path | None = None, th
         settings.pop("work_dir")  # this machine's CXR_WORK_DIR (or ./work)
     cfg = TrainConfig.model_validate(settings)
     check_tuner(role, cfg.tuner)
+    return ChiefRun(run_id=run_id, experiment_id=chief.info.experiment_id, cfg=cfg,
+                    data_digest=chief.data.tags.get("data_digest", ""))
+
+
+@task(name="worker-trials", cache_policy=NONE)
+def run_worker_trials(chief: ChiefRun) -> dict:
+    """Run trials for the chief until it has no more; return what this worker ran.
+
+    The worker rebuilds the manifest from its own copy of the data and refuses to start if its digest is not the
+    chief's. Each trial is a nested MLflow run of the chief's run, tagged with the worker's tuner id.
+    """
+    role, cfg = worker_role(), chief.cfg
+    configure_threads(cfg.threads)
     _, manifest, digest = index_and_split(cfg)
-    expected = chief.data.tags.get("data_digest")
-    if digest != expected:
-        raise DataConfigError(f"the data at {cfg.resolved_data_dir()} give manifest digest {digest}, the chief's run "
-                              f"{run_id} has {expected}: a worker must see the same files, labels and split")
-    print(f"Search worker {role.tuner_id}: run {run_id}, oracle {role.address}, data digest {digest}")
+    if digest != chief.data_digest:
+        raise DataError(f"the data at {cfg.resolved_data_dir()} give manifest digest {digest}, the chief's run "
+                        f"{chief.run_id} has {chief.data_digest}: a worker must see the same files, labels and split")
+    print(f"Search worker {role.tuner_id}: run {chief.run_id}, oracle {role.address}, data digest {digest}")
     keras.utils.set_random_seed(cfg.seed)
     images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
-    train_ds, fit, project_name = _search_setup(cfg, manifest, images, digest)
-    mlflow.set_experiment(experiment_id=chief.info.experiment_id)
+    setup = search_setup(cfg, manifest, images, digest)
+    mlflow.set_experiment(experiment_id=chief.experiment_id)
     # its own state folder: a worker's trials (checkpoints) are its own, and starting over must not delete the
     # chief's oracle state when both share a work folder
-    tuner = _tuner(cfg, cfg.tuner_dir / "workers" / role.tuner_id, project_name, False, run_id)
-    _check_same_space(tuner, cfg, run_id, role)
+    tuner = _tuner(cfg, cfg.tuner_dir / "workers" / role.tuner_id, setup.project_name, False, chief.run_id)
+    check_same_space(tuner, cfg, role.address, chief.run_id)
     started = time.perf_counter()
-    tuner.search(train_ds, **fit)
+    tuner.search(setup.train, **setup.fit)
     ran = sorted(getattr(tuner, "ran_trials", []))
     print(f"Search worker {role.tuner_id}: the chief has no more trials; ran {len(ran)} "
           f"({', '.join(ran) or 'none'}) in {time.perf_counter() - started:.0f} s")
-    return {"run_id": run_id, "tuner_id": role.tuner_id, "trials": ran}
+    return {"run_id": chief.run_id, "tuner_id": role.tuner_id, "trials": ran}

@@ -13,6 +13,36 @@ from pathlib import Path
 import keras
 import mlflow
 from matplotlib.figure import Figure
+from prefect import task
+from prefect.cache_policies import NONE
+
+from cxr_model.config import TrainConfig
+from cxr_model.errors import CxrError
+
+IO_RETRIES = 3  # tries after the first for tasks that only talk to a server (MLflow, the registry)
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """Prefect's `retry_condition_fn`: retry a failure of the server, not a user's mistake (a CxrError), which
+    fails the same way every time."""
+    try:
+        state.result()
+    except CxrError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="record-config", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5,
+      retry_condition_fn=retry_on_io)
+def record_config(cfg: TrainConfig, run_id: str) -> None:
+    """Log every setting as a `cfg/` parameter and the whole typed config as `config.json` (what a search worker
+    reads back). Idempotent, so retried when the tracking server fails."""
+    settings = cfg.model_dump(mode="json")
+    with in_run(run_id):
+        mlflow.log_params({f"cfg/{k}": v for k, v in settings.items()})
+        mlflow.log_dict(settings, "config.json")
 
 
 @contextmanager

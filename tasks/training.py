@@ -11,11 +11,12 @@ from pydantic import BaseModel
 
 from cxr_model import plots
 from cxr_model.config import TrainConfig
+from cxr_model.data import split_rows
+from cxr_model.fitting import fit_networks
 from cxr_model.model import count_flops
 from cxr_model.search import SearchSpace, config_from_hparams
-from cxr_model.train import fit_networks
-from tasks.data import DataHandle, open_data
-from tasks.tracking import MlflowEpochLogger, in_run, log_figure
+from cxr_pneumonia.tasks.data import DataHandle, open_data
+from cxr_pneumonia.tasks.tracking import MlflowEpochLogger, in_run, log_figure
 
 
 class TrainedModel(BaseModel):
@@ -40,8 +41,8 @@ def train_model(cfg: TrainConfig, data: DataHandle, top_hparams: list[dict], run
     if not top_hparams:
         raise ValueError("train_model needs the hyperparameters of at least one search trial")
     manifest, images = open_data(cfg, data)
-    train, val = (manifest[manifest["split"] == s] for s in ("train", "val"))
-    space = SearchSpace(**cfg.search_space_params())
+    train, val = (split_rows(manifest, s) for s in ("train", "val"))
+    space = SearchSpace.from_config(cfg)
     architectures = [config_from_hparams(hparams, cfg.image_size, space) for hparams in top_hparams]
     networks = [arch for arch in architectures for _ in range(cfg.members)]  # (architecture, member) in order
 
@@ -60,17 +61,17 @@ def train_model(cfg: TrainConfig, data: DataHandle, top_hparams: list[dict], run
             log_figure(plots.learning_curves(history.history), f"plots/{name}")
         # of the best network; `model/ensemble_flops_per_image` is what the saved model spends
         mlflow.log_params({"model/parameters": fitted.histories[0].model.count_params(),
-                           "model/flops_per_image": count_flops(networks[0])})
+                           "model/flops_per_image": count_flops(fitted.histories[0].model)})
         mlflow.log_metrics({"train/seconds": seconds, "train/epochs": float(epochs),
                             "train/stopped_by_budget": float(fitted.stopped_by_budget),
                             "train/images_per_second": len(train) * epochs / max(seconds, 1e-9)})
+        model = fitted.model()
         # the kept epochs of each network, networks separated by ';' (e.g. '7' or '7,5;9,8')
         kept_epochs = [",".join(map(str, h.snapshots.epochs)) or str(trained)
                        for h, trained in zip(fitted.histories, fitted.epochs, strict=True)]
         mlflow.log_params({"train/snapshot_epochs": ";".join(kept_epochs),
                            "model/networks_averaged": len(fitted.weights), "model/architectures": len(architectures),
-                           "model/ensemble_flops_per_image": sum(map(count_flops, fitted.configs))})
-    model = fitted.model()
+                           "model/ensemble_flops_per_image": count_flops(model)})
     out = cfg.output_dir / run_id
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"

@@ -8,10 +8,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from cxr_model import plots
+from cxr_model.augmentation import build_augmentation
 from cxr_model.config import TrainConfig
-from cxr_model.model import build_augmentation
-from tasks.data import DataHandle, open_data
-from tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
+from cxr_model.data import split_rows
+from cxr_pneumonia.tasks.data import DataHandle, open_data
+from cxr_pneumonia.tasks.tracking import in_run, log_figure, png_markdown, publish_markdown
 
 
 @task(name="visualize", cache_policy=NONE)
@@ -19,7 +20,7 @@ def visualize(cfg: TrainConfig, data: DataHandle, run_id: str, per_class: int = 
     """Log the three data figures as PNG artifacts; return their artifact paths."""
     manifest, images = open_data(cfg, data)
     rng = np.random.default_rng(cfg.seed)
-    train = manifest[manifest["split"] == "train"]
+    train = split_rows(manifest, "train")
     picks = train.groupby("label", group_keys=False).apply(
         lambda g: g.iloc[rng.permutation(len(g))[:per_class]]
     ).reset_index(drop=True)

@@ -102,7 +102,7 @@ def start_cxr_train(cwd: Path, data_dir: Path, *extra: str, env: dict | None = N
     n = len(list(cwd.glob("result-*.json")))
     result_path, out_path, err_path = (cwd / f"{kind}-{n}.{ext}" for kind, ext in
                                        (("result", "json"), ("stdout", "log"), ("stderr", "log")))
-    cmd = [sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir),
+    cmd = [sys.executable, "-m", "cxr_pneumonia.cli", "train", "--profile", "smoke", "--data-dir", str(data_dir),
            "--result-json", str(result_path), *extra]
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)

@@ -8,15 +8,15 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from benchmarks.errors import run_main
-from cxr_model.config import DataConfigError
+from cxr_model.errors import DataError
 
 
 @pytest.mark.parametrize(("failure", "line"), [
-    (DataConfigError("Dataset folder /nowhere does not exist."), "error: Dataset folder /nowhere does not exist."),
+    (DataError("Dataset folder /nowhere does not exist."), "error: Dataset folder /nowhere does not exist."),
     (MlflowException("Registered Model with name=nosuch not found"),
      "error: Registered Model with name=nosuch not found"),
-    (subprocess.CalledProcessError(2, ["python", "-m", "cxr_model.cli", "train", "--seed", "3"]),
-     "error: python -m cxr_model.cli train --seed 3 failed with exit status 2 (its own message is above)"),
+    (subprocess.CalledProcessError(2, ["python", "-m", "cxr_pneumonia.cli", "train", "--seed", "3"]),
+     "error: python -m cxr_pneumonia.cli train --seed 3 failed with exit status 2 (its own message is above)"),
 ])
 def test_known_failures_end_in_one_line(failure: Exception, line: str) -> None:
     def main() -> None:

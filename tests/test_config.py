@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cxr_model.config import PROFILES, DataConfigError, TrainConfig, load_config
+from cxr_model.config import PROFILES, TrainConfig, load_config
+from cxr_model.errors import DataError, ServerError
 
 
 def test_profiles_load_and_overrides_win() -> None:
@@ -48,7 +49,7 @@ def test_a_search_space_the_tuner_cannot_sample_is_rejected_up_front(setting: di
 
 def test_missing_data_dir_explains_where_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
-    with pytest.raises(DataConfigError, match="paultimothymooney/chest-xray-pneumonia.*CXR_DATA_DIR"):
+    with pytest.raises(DataError, match="paultimothymooney/chest-xray-pneumonia.*CXR_DATA_DIR"):
         load_config("smoke").resolved_data_dir()
 
 
@@ -56,7 +57,7 @@ def test_env_var_points_at_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
     assert load_config("smoke").resolved_data_dir() == tmp_path.resolve()
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "nope"))
-    with pytest.raises(DataConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_config("smoke").resolved_data_dir()
 
 
@@ -74,7 +75,7 @@ def test_a_deployments_parameters_get_their_profile_and_the_workers_work_dir(mon
     """A Prefect deployment hands the flow a dict of parameters, which Prefect validates into a TrainConfig:
     {"profile": "smoke"} must mean the smoke profile (not a tag on the defaults), and the work folder must be the
     one CXR_WORK_DIR names on the worker that runs it."""
-    from flows.train_flow import train_flow
+    from cxr_pneumonia.flows.train_flow import train_flow
 
     monkeypatch.setenv("CXR_WORK_DIR", str(tmp_path / "shared-work"))
     cfg = train_flow.validate_parameters({"cfg": {"profile": "smoke", "epochs": 3}})["cfg"]
@@ -96,9 +97,9 @@ def test_a_deployments_parameters_get_their_profile_and_the_workers_work_dir(mon
 def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> None:
     import inspect
 
-    from cxr_model.cli import build_parser, train_overrides
+    from cxr_model.augmentation import build_augmentation
     from cxr_model.config import AUGMENTATION_FIELDS
-    from cxr_model.model import build_augmentation
+    from cxr_pneumonia.cli import build_parser, train_overrides
 
     assert set(AUGMENTATION_FIELDS) == set(inspect.signature(build_augmentation).parameters) - {"seed"}
     argv = ["train", "--profile", "smoke"] + [arg for i, name in enumerate(AUGMENTATION_FIELDS)
@@ -110,7 +111,7 @@ def test_every_augmentation_range_has_a_cli_flag_that_reaches_the_config() -> No
 
 
 def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config() -> None:
-    from cxr_model.cli import build_parser, train_overrides
+    from cxr_pneumonia.cli import build_parser, train_overrides
 
     argv = ["train", "--profile", "default", "--head", "flatten", "--threshold-rule", "margin", "--train-minutes", "0",
             "--snapshots", "2", "--members", "3", "--intensity", "equalize",
@@ -150,7 +151,7 @@ def test_head_threshold_rule_budget_snapshot_and_member_flags_reach_the_config()
 
 
 def test_cli_rejects_bad_settings_with_a_clear_message(capsys) -> None:
-    from cxr_model.cli import build_parser
+    from cxr_pneumonia.cli import build_parser
 
     for argv, message in ((["--zoom", "0.9"], "error: --zoom: Input should be less than or equal to 0.5"),
                           (["--top-trials", "7"], "needs at least as many search trials (max_trials=6)")):
@@ -176,21 +177,42 @@ def test_search_state_key_follows_what_a_trial_score_depends_on() -> None:
         assert load_config("smoke", **other).search_state_key() != key, other
 
 
-def test_every_config_field_has_a_cli_flag() -> None:
-    """`cxr train --help` reaches every setting (README: every setting can be overridden)."""
-    from cxr_model.cli import build_parser, train_overrides
-    from cxr_model.config import TrainConfig
+def test_train_flags_are_derived_from_the_config_fields() -> None:
+    """Each TrainConfig field is a `cxr train` flag with the field's type, choices and description as its help."""
+    from cxr_pneumonia.cli import build_parser, flag, train_overrides
 
-    args = build_parser().parse_args(["train"])
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    actions = {a.dest: a for a in train._actions}
+    for name, info in TrainConfig.model_fields.items():
+        if name != "profile":
+            assert actions[name].option_strings[0] == flag(name) and actions[name].help == info.description, name
+    assert actions["tta"].choices == ["none", "scale", "aspect", "scale+aspect"]
+    assert actions["search_blocks"].nargs == 2 and actions["search_filters"].nargs == "+"
+    args = parser.parse_args(["train"])
     assert set(train_overrides(args)) == set(TrainConfig.model_fields) - {"profile"}
+    assert all(v is None for v in train_overrides(args).values())  # a flag left out leaves the field to the profile
     argv = ["train", "--search-blocks", "2", "4", "--search-filters", "8", "16", "--search-convs-per-block", "1", "1",
             "--search-dropout", "0.2", "0.3", "--search-dense-units", "0", "--search-learning-rate", "1e-4", "1e-3",
-            "--champion-metric", "pr_auc"]
-    cfg = load_config("smoke", **train_overrides(build_parser().parse_args(argv)))
+            "--champion-metric", "pr_auc", "--no-augment", "--max-per-class", "5", "--work-dir", "/tmp/w"]
+    cfg = load_config("smoke", **train_overrides(parser.parse_args(argv)))
     space = cfg.search_space_params()
     assert space["blocks"] == (2, 4) and space["filters"] == (8, 16) and space["convs_per_block"] == (1, 1)
     assert space["dropout"] == (0.2, 0.3) and space["dense_units"] == (0,) and space["learning_rate"] == (1e-4, 1e-3)
     assert cfg.champion_metric == "pr_auc" and load_config("smoke").champion_metric == "roc_auc"
+    assert cfg.augment is False and cfg.max_per_class == 5 and cfg.work_dir == Path("/tmp/w")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--tta", "sideways"])
+
+
+def test_the_default_search_space_is_the_config_fields_defaults() -> None:
+    from cxr_model.search import SPACE_FIELDS, SearchSpace, default_space
+
+    space = default_space()
+    for name in SPACE_FIELDS:
+        assert getattr(space, name) == TrainConfig.model_fields[f"search_{name}"].default
+    cfg = load_config("default")
+    assert SearchSpace.from_config(cfg).convs_per_block == cfg.search_convs_per_block == (1, 1)  # the profile's
 
 
 def _layout(root: Path, splits=("train", "test")) -> Path:
@@ -204,7 +226,7 @@ def test_cli_stops_before_any_server_or_image_on_a_bad_layout_or_an_unreachable_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import socket
 
-    from cxr_model.cli import main
+    from cxr_pneumonia.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "never.db"))
     partial = _layout(tmp_path / "partial", splits=("train",))
@@ -239,7 +261,7 @@ def test_a_tracking_server_that_answers_at_all_counts_as_reachable() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from cxr_model.cli import check_tracking_server
+    from cxr_pneumonia.checks import check_tracking_server
 
     class Refuse(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -293,7 +315,7 @@ def test_a_tls_tracking_server_is_checked_as_the_mlflow_client_checks_it(tmp_pat
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from cxr_model.cli import TrackingServerError, check_tracking_server
+    from cxr_pneumonia.checks import check_tracking_server
 
     class Healthy(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -314,7 +336,7 @@ def test_a_tls_tracking_server_is_checked_as_the_mlflow_client_checks_it(tmp_pat
     for name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS"):
         monkeypatch.delenv(name, raising=False)
     try:
-        with pytest.raises(TrackingServerError, match="TLS handshake failed.*MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        with pytest.raises(ServerError, match="TLS handshake failed.*MLFLOW_TRACKING_SERVER_CERT_PATH"):
             check_tracking_server(uri)
         monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(cert))
         check_tracking_server(uri)

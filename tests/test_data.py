@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_model.config import DataConfigError
 from cxr_model.data import (
     cap_per_class,
     class_weights,
@@ -21,6 +20,7 @@ from cxr_model.data import (
     parse_patient_id,
     split_by_patient,
 )
+from cxr_model.errors import DataError
 from tests.conftest import write_xray
 
 
@@ -124,7 +124,7 @@ def test_an_unreadable_exif_block_is_skipped_at_indexing(synthetic_dataset: Path
 @pytest.mark.parametrize("missing", ["train", "test", "train/NORMAL", "test/PNEUMONIA"])
 def test_missing_folder_stops_with_its_path(synthetic_dataset: Path, missing: str) -> None:
     shutil.rmtree(synthetic_dataset / missing)
-    with pytest.raises(DataConfigError, match=str(synthetic_dataset / missing)):
+    with pytest.raises(DataError, match=str(synthetic_dataset / missing)):
         index_dataset(synthetic_dataset)
 
 
@@ -133,7 +133,7 @@ def test_empty_class_stops_with_its_path(synthetic_dataset: Path) -> None:
     for f in folder.iterdir():
         f.unlink()
     (folder / "notes.jpeg").write_text("not an image")
-    with pytest.raises(DataConfigError, match=f"{folder}.*no decodable images"):
+    with pytest.raises(DataError, match=f"{folder}.*no decodable images"):
         index_dataset(synthetic_dataset)
 
 

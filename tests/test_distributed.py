@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from cxr_model.config import DataConfigError, load_config
+from cxr_model.config import load_config
 from cxr_model.distributed import PORT_TAG, SearchRole, check_can_serve, check_tuner, search_role, worker_role
+from cxr_model.errors import ConfigError, DataError, ServerError
 
 ENV = {"KERASTUNER_TUNER_ID": "tuner0", "KERASTUNER_ORACLE_IP": "10.0.0.5", "KERASTUNER_ORACLE_PORT": "8000"}
 
@@ -39,21 +40,21 @@ def test_roles_come_from_keras_tuners_three_variables() -> None:
     ({**ENV, "KERASTUNER_ORACLE_IP": "::1"}, r"write an IPv6 address in brackets, as \[::1\]"),
 ])
 def test_incomplete_or_malformed_settings_are_named(env: dict, message: str) -> None:
-    with pytest.raises(DataConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         search_role(env)
 
 
 def test_hyperband_is_refused_only_for_a_distributed_search() -> None:
     check_tuner(None, "hyperband")
     check_tuner(search_role(ENV), "bayesian")
-    with pytest.raises(DataConfigError, match="--tuner hyperband cannot run distributed"):
+    with pytest.raises(ConfigError, match="--tuner hyperband cannot run distributed"):
         check_tuner(search_role(ENV), "hyperband")
 
 
 def test_a_worker_needs_a_worker_id() -> None:
-    with pytest.raises(DataConfigError, match="a search worker needs"):
+    with pytest.raises(ConfigError, match="a search worker needs"):
         worker_role({})
-    with pytest.raises(DataConfigError, match="KERASTUNER_TUNER_ID=chief is the chief's"):
+    with pytest.raises(ConfigError, match="KERASTUNER_TUNER_ID=chief is the chief's"):
         worker_role({**ENV, "KERASTUNER_TUNER_ID": "chief"})
 
 
@@ -62,7 +63,7 @@ def test_a_chief_that_cannot_listen_is_refused() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(DataConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(ServerError, match=f"cannot listen on 127.0.0.1:{port}"):
             check_can_serve(SearchRole("chief", "chief", "127.0.0.1", port))
     check_can_serve(SearchRole("chief", "chief", "127.0.0.1", port))  # free again
 
@@ -80,7 +81,7 @@ def test_a_bracketed_ipv6_address_is_bound_as_grpc_binds_it() -> None:
 
 
 def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxr_model.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cxr_pneumonia.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), **env}, timeout=120)
 
 
@@ -134,45 +135,50 @@ def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, oracle_port: int
     return oracle_port
 
 
+def search_worker(data_dir: Path | None = None, run_id: str | None = None, wait_s: float = 5) -> dict:
+    """The worker flow's two tasks, run as plain functions (no Prefect server)."""
+    from cxr_pneumonia.tasks.search import join_search, run_worker_trials
+
+    return run_worker_trials.fn(join_search.fn(data_dir, None, None, run_id, wait_s))
+
+
 def test_worker_finds_the_chief_by_port_and_refuses_other_data(worker_env: int, synthetic_dataset: Path,
                                                                tmp_path: Path) -> None:
-    from tasks.search import find_chief_run, search_worker
+    from cxr_pneumonia.tasks.search import find_chief_run
 
     config = load_config("smoke", data_dir=synthetic_dataset).model_dump(mode="json")
     chief_run = _serving_run(config, worker_env)
     assert find_chief_run(worker_env) == chief_run
-    with pytest.raises(DataConfigError, match=f"no running `cxr train` serves a search on port {worker_env + 1}"):
+    with pytest.raises(ConfigError, match=f"no running `cxr train` serves a search on port {worker_env + 1}"):
         find_chief_run(worker_env + 1)
     # the worker rebuilds the manifest from its own copy: another digest than the chief's is refused, no trial run
-    with pytest.raises(DataConfigError, match=f"digest [0-9a-f]{{16}}, the chief's run {chief_run} has "
+    with pytest.raises(DataError, match=f"digest [0-9a-f]{{16}}, the chief's run {chief_run} has "
                                               "0123456789abcdef"):
         search_worker(data_dir=synthetic_dataset, wait_s=5)
     # a second running run on the port (a chief that crashed): refused unless --run-id names one
     _serving_run(config, worker_env)
-    with pytest.raises(DataConfigError, match="2 running flows say they serve a search on port"):
+    with pytest.raises(ConfigError, match="2 running flows say they serve a search on port"):
         search_worker(data_dir=synthetic_dataset, wait_s=5)
     mlflow.MlflowClient().set_terminated(chief_run)
-    with pytest.raises(DataConfigError, match=f"run {chief_run} is FINISHED, not a search in progress"):
+    with pytest.raises(ConfigError, match=f"run {chief_run} is FINISHED, not a search in progress"):
         search_worker(data_dir=synthetic_dataset, run_id=chief_run, wait_s=5)
     assert mlflow.MlflowClient().get_run(chief_run).info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())
 
 
 def test_a_worker_waits_for_the_chief_then_says_none_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.search import search_worker
-
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     for name, value in {**ENV, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(DataConfigError, match=f"no search chief answers at 127.0.0.1:{port} \\(waited 1 s\\)"):
+    with pytest.raises(ServerError, match=f"no search chief answers at 127.0.0.1:{port} \\(waited 1 s\\)"):
         search_worker(wait_s=1)
 
 
 def test_a_worker_refuses_an_oracle_with_another_space(synthetic_dataset: Path) -> None:
     import keras_tuner as kt
 
-    from tasks.search import _check_same_space
+    from cxr_model.search import check_same_space
 
     cfg = load_config("smoke", data_dir=synthetic_dataset)
     other = kt.HyperParameters()
@@ -181,34 +187,34 @@ def test_a_worker_refuses_an_oracle_with_another_space(synthetic_dataset: Path) 
     class Tuner:  # only what the check reads: the oracle's space, as the chief's oracle answers it
         oracle = SimpleNamespace(get_space=lambda: other)
 
-    with pytest.raises(DataConfigError, match="searches another space than run r1's config"):
-        _check_same_space(Tuner, cfg, "r1", search_role(ENV))
+    with pytest.raises(ConfigError, match="searches another space than run r1's config"):
+        check_same_space(Tuner, cfg, search_role(ENV).address, "r1")
     from cxr_model.search import SearchSpace, sample_config
 
     same = kt.HyperParameters()
-    sample_config(same, cfg.image_size, SearchSpace(**cfg.search_space_params()))
+    sample_config(same, cfg.image_size, SearchSpace.from_config(cfg))
     same = kt.HyperParameters.from_proto(same.to_proto())  # as it comes over gRPC: defaults filled in
     assert same.get_config() != kt.HyperParameters().get_config()
     Tuner.oracle = SimpleNamespace(get_space=lambda: same)
-    _check_same_space(Tuner, cfg, "r1", search_role(ENV))
+    check_same_space(Tuner, cfg, search_role(ENV).address, "r1")
 
 
 def test_a_resumed_search_adopts_the_other_modes_tuner_file(tmp_path: Path) -> None:
     """Keras-Tuner reloads only `<its id>.json`: a local search writes tuner0.json, a chief chief.json."""
-    from tasks.search import _adopt_tuner_state
+    from cxr_model.search import adopt_tuner_state
 
     (tmp_path / "oracle.json").write_text("{}")
     (tmp_path / "chief.json").write_text('{"from": "chief"}')
-    _adopt_tuner_state(tmp_path, "tuner0")
+    adopt_tuner_state(tmp_path, "tuner0")
     assert (tmp_path / "tuner0.json").read_text() == '{"from": "chief"}'
     (tmp_path / "tuner0.json").write_text('{"own": 1}')
-    _adopt_tuner_state(tmp_path, "tuner0")  # its own file is kept
+    adopt_tuner_state(tmp_path, "tuner0")  # its own file is kept
     assert (tmp_path / "tuner0.json").read_text() == '{"own": 1}'
-    _adopt_tuner_state(tmp_path / "missing", "chief")  # nothing to adopt: nothing done
+    adopt_tuner_state(tmp_path / "missing", "chief")  # nothing to adopt: nothing done
 
 
 def test_a_rerun_trial_retires_the_run_its_dead_worker_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.search import _retire_unfinished_runs
+    from cxr_pneumonia.tasks.search import retire_unfinished_runs
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
@@ -217,7 +223,7 @@ def test_a_rerun_trial_retires_the_run_its_dead_worker_left(tmp_path: Path, monk
     tags = {"mlflow.parentRunId": parent, "cxr.role": "trial"}
     dead = client.create_run(experiment, tags={**tags, "trial_id": "3"}).info.run_id
     other = client.create_run(experiment, tags={**tags, "trial_id": "4"}).info.run_id
-    _retire_unfinished_runs(parent, "3")
+    retire_unfinished_runs(parent, "3")
     assert client.get_run(dead).info.status == "KILLED" and "cxr.superseded" in client.get_run(dead).data.tags
     assert client.get_run(other).info.status == "RUNNING"
 
@@ -230,11 +236,11 @@ def test_a_rerun_trial_retires_the_run_its_dead_worker_left(tmp_path: Path, monk
     (["COMPLETED"] * 3, None, False),  # hyperband: no fixed count
 ])
 def test_a_chief_serves_unless_every_trial_has_run(statuses: list[str], max_trials: int | None, done: bool) -> None:
-    from tasks.search import _search_done
+    from cxr_model.search import search_done
 
     oracle = SimpleNamespace(max_trials=max_trials,
                              trials={str(i): SimpleNamespace(status=s) for i, s in enumerate(statuses)})
-    assert _search_done(oracle) is done
+    assert search_done(oracle) is done
 
 
 def test_the_flow_runs_locally_or_as_chief_never_as_a_worker() -> None:
@@ -243,7 +249,7 @@ def test_the_flow_runs_locally_or_as_chief_never_as_a_worker() -> None:
 
     assert flow_role("hyperband", {}) is None
     assert flow_role("random", {**ENV, "KERASTUNER_TUNER_ID": "chief"}).role == "chief"
-    with pytest.raises(DataConfigError, match="KERASTUNER_TUNER_ID=tuner0 makes this process a search worker"):
+    with pytest.raises(ConfigError, match="KERASTUNER_TUNER_ID=tuner0 makes this process a search worker"):
         flow_role("random", ENV)
-    with pytest.raises(DataConfigError, match="--tuner hyperband cannot run distributed"):
+    with pytest.raises(ConfigError, match="--tuner hyperband cannot run distributed"):
         flow_role("hyperband", {**ENV, "KERASTUNER_TUNER_ID": "chief"})

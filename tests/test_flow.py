@@ -184,7 +184,7 @@ def test_top_trials_trains_each_trials_network_and_averages_them(tmp_path, real_
 
 def test_cli_without_data_explains_where_to_get_it(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "cxr_model.cli", "train", "--profile", "smoke"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "cxr_pneumonia.cli", "train", "--profile", "smoke"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "CXR_DATA_DIR" in proc.stderr and "chest-xray-pneumonia" in proc.stderr

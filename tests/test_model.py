@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_model.model import (
-    BlurPool2D,
-    ConvNetConfig,
-    FixedRescaling,
-    HistogramEqualization,
-    PerImageStandardization,
-    build_augmentation,
-    build_convnet,
-    count_flops,
-)
+from cxr_model.augmentation import build_augmentation
+from cxr_model.inference import predict_proba
+from cxr_model.layers import BlurPool2D, FixedRescaling, HistogramEqualization, PerImageStandardization
+from cxr_model.model import ConvNetConfig, build_convnet, count_flops
+from cxr_model.pipelines import make_dataset
 from cxr_model.search import ConvNetHyperModel, SearchSpace, config_from_hparams, make_tuner, sample_config
-from cxr_model.train import make_dataset, predict_proba
 
 
 def test_build_convnet_shapes_and_compile() -> None:
@@ -275,7 +269,7 @@ def test_aspect_stretches_width_and_height_apart_within_range() -> None:
 def test_affine_warp_puts_a_point_where_rotation_then_stretch_sends_it() -> None:
     import tensorflow as tf
 
-    from cxr_model.model import affine_transforms
+    from cxr_model.augmentation import affine_transforms
 
     side, c = 81, 40.0
     q = np.array([52.0, 31.0])  # (x, y) of a bright pixel in the input
@@ -397,8 +391,8 @@ def test_tuner_runs_and_resumes(tmp_path: Path, kind: str) -> None:
 
 
 def test_search_space_bounds_are_respected(tmp_path: Path) -> None:
-    space = SearchSpace(blocks=(3, 3), filters=(8,), convs_per_block=(1, 1), dense_units=(0,),
-                        fixed={"stem_stride": 1})
+    space = SearchSpace(blocks=(3, 3), filters=(8,), convs_per_block=(1, 1), dropout=(0.1, 0.5), dense_units=(0,),
+                        learning_rate=(3e-4, 3e-3), fixed={"stem_stride": 1})
     tuner = make_tuner("random", ConvNetHyperModel(32, space), tmp_path, "s", max_trials=5, search_epochs=1, seed=0,
                        resume=False)
     for _ in range(5):  # draw values the way the search does, without training
@@ -441,7 +435,7 @@ def test_band_erasing_blanks_whole_rows_at_top_and_bottom_within_range() -> None
 
 
 def test_view_magnifies_and_stretches_about_the_centre() -> None:
-    from cxr_model.model import warp_view
+    from cxr_model.augmentation import warp_view
 
     x = np.zeros((1, 65, 65, 1), np.float32)
     x[:, 22:42, 22:42, 0] = 255.0  # a 20 x 20 square in the centre
@@ -460,9 +454,9 @@ def test_view_magnifies_and_stretches_about_the_centre() -> None:
 def test_forward_over_views_is_the_mean_of_each_view() -> None:
     import tensorflow as tf
 
+    from cxr_model.augmentation import warp_view
     from cxr_model.config import TTA_VIEWS
-    from cxr_model.model import warp_view
-    from cxr_model.train import compile_forward
+    from cxr_model.inference import compile_forward
 
     model = build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0))
     x = np.random.default_rng(5).uniform(0, 255, (5, 32, 32, 1)).astype("uint8")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cxr_model.model_server import free_port
+from cxr_pneumonia.model_server import free_port
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

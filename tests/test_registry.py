@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-import tasks.register as register_module
-from tasks.register import (
+import cxr_pneumonia.tasks.register as register_module
+from cxr_pneumonia.tasks.register import (
     CHALLENGER,
     CHAMPION,
     assign_alias,

@@ -17,17 +17,11 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cxr_model.config import TTA_VIEWS
-from cxr_model.model_server import start_model_server, stop_model_server
-from cxr_model.predict_cli import BadRows, find_images, format_table, invocations_url, score_files
-from cxr_model.serving import (
-    INPUT_COLUMN,
-    SIGNATURE,
-    CxrPneumoniaModel,
-    RequestError,
-    decode_base64,
-    decode_request_rows,
-    pip_requirements,
-)
+from cxr_model.serving import INPUT_COLUMN, BadRequest, ServedClassifier, decode_base64, decode_request_rows
+from cxr_pneumonia.model_server import start_model_server, stop_model_server
+from cxr_pneumonia.predict import BadRows, find_images, format_table, invocations_url, score_files
+from cxr_pneumonia.pyfunc import CxrPneumoniaModel, RequestError
+from cxr_pneumonia.tasks.packaging import SIGNATURE, model_kwargs, pip_requirements
 from tests.conftest import FlowRun
 from tests.test_preprocess import png_bomb, png_header_only
 
@@ -131,10 +125,11 @@ def test_decode_base64_rejects_with_a_reason(value: object, reason: str) -> None
 
 def test_bad_rows_are_all_named_and_good_rows_are_not_scored() -> None:
     good = GOOD_IMAGE
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(BadRequest) as info:
         decode_request_rows([good, "!!", good, b64(b"text"), None], image_size=16)
     err = info.value
     assert [e["row"] for e in err.errors] == [1, 3, 4]
+    err = RequestError(err.message, err.errors)  # as the pyfunc wrapper answers it
     assert err.message.startswith("3 of 5 rows could not be read as images, so no row was scored: row 1: invalid")
     assert "row 3: not a decodable image" in err.message and "row 4: expected a base64 string" in err.message
     assert err.get_http_status_code() == 400
@@ -143,7 +138,7 @@ def test_bad_rows_are_all_named_and_good_rows_are_not_scored() -> None:
 
 
 def test_long_error_lists_are_cut_in_the_message_but_complete_in_errors() -> None:
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(BadRequest) as info:
         decode_request_rows([""] * 40, image_size=16)
     assert len(info.value.errors) == 40
     assert "; and 35 more" in info.value.message and len(info.value.message) < MAX_MESSAGE
@@ -170,7 +165,7 @@ def test_a_blank_image_is_refused_and_named() -> None:
     """A frame with no spread of grey levels (a detector fault, a saturated export) carries nothing to score; the
     network would answer for it all the same (a flat grey square scores PNEUMONIA 1.00)."""
     blank = b64(png(Image.new("L", (300, 200), 128)))
-    with pytest.raises(RequestError) as caught:
+    with pytest.raises(BadRequest) as caught:
         decode_request_rows([GOOD_IMAGE, blank, b64(png(Image.new("RGB", (50, 50), (255, 255, 255))))], 16)
     assert [e["row"] for e in caught.value.errors] == [1, 2]
     assert all("blank image" in e["error"] for e in caught.value.errors)
@@ -202,14 +197,14 @@ def test_a_colour_photograph_is_refused_and_an_annotated_film_is_not() -> None:
     with cbook.get_sample_data("grace_hopper.jpg") as photo:  # a colour portrait matplotlib ships
         portrait = b64(photo.read())
     red = b64(jpeg(Image.new("RGB", (120, 100), (200, 30, 30))))
-    with pytest.raises(RequestError) as caught:
+    with pytest.raises(BadRequest) as caught:
         decode_request_rows([GOOD_IMAGE, portrait, b64(jpeg(annotated_film(0.05))), red], 32)
     assert [e["row"] for e in caught.value.errors] == [1, 3]
     assert caught.value.errors[0]["error"].startswith("colour image: 51% of its pixels are coloured")
     assert "100% of its pixels" in caught.value.errors[1]["error"]
     # an annotated film is scored: 5 % and 9 % coloured; at 12 % it is refused
     assert decode_request_rows([b64(png(annotated_film(s))) for s in (0.05, 0.09)], 32).shape == (2, 32, 32, 1)
-    with pytest.raises(RequestError, match="colour image: 1[23]%"):
+    with pytest.raises(BadRequest, match="colour image: 1[23]%"):
         decode_request_rows([b64(png(annotated_film(0.12)))], 32)
 
 
@@ -258,19 +253,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     build_convnet(ConvNetConfig(image_size=32, blocks=2, filters=8, dense_units=0)).save(root / "model.keras")
     (root / "meta.json").write_text(json.dumps({"threshold": 0.5, "image_size": 32, "views": TINY_VIEWS}))
-    mlflow.pyfunc.save_model(
-        str(root / "pyfunc"), python_model=CxrPneumoniaModel(), signature=SIGNATURE,
-        pip_requirements=pip_requirements(),
-        artifacts={"keras_model": str(root / "model.keras"), "meta": str(root / "meta.json")},
-    )
+    mlflow.pyfunc.save_model(str(root / "pyfunc"), **model_kwargs(root / "model.keras", root / "meta.json", None))
     return root
 
 
 def test_pyfunc_output_equals_in_process_predict_proba(tiny_model_dir: Path) -> None:
     import keras
 
+    from cxr_model.inference import predict_proba
     from cxr_model.preprocess import decode_image
-    from cxr_model.train import predict_proba
 
     model = CxrPneumoniaModel()
     model.load_context(SimpleNamespace(artifacts={"keras_model": str(tiny_model_dir / "model.keras"),
@@ -279,7 +270,7 @@ def test_pyfunc_output_equals_in_process_predict_proba(tiny_model_dir: Path) -> 
     files = [png(Image.fromarray(rng.integers(0, 255, (40 + i, 50), np.uint8), "L")) for i in range(5)]
     out = model.predict(None, pd.DataFrame({INPUT_COLUMN: [b64(f) for f in files]}))
     assert list(out.columns) == ["probability", "label", "threshold"]
-    assert model.views == tuple(map(tuple, TINY_VIEWS))  # the registered test-time views, not a default
+    assert model.classifier.views == tuple(map(tuple, TINY_VIEWS))  # the registered test-time views, not a default
     expected = predict_proba(keras.models.load_model(tiny_model_dir / "model.keras"),
                              np.stack([decode_image(f, 32) for f in files]), views=TINY_VIEWS)
     # graph-compiled serving vs the eager training-side call: the same numbers up to float32 rounding
@@ -404,9 +395,9 @@ def xray_files(real_subset: Path) -> list[Path]:
 @pytest.mark.integration
 def test_served_answers_equal_in_process_predictions(server: str, local_model, smoke_flow: FlowRun,
                                                      xray_files: list[Path]) -> None:
+    from cxr_model.inference import predict_proba
     from cxr_model.model import ensemble_members
     from cxr_model.preprocess import decode_image
-    from cxr_model.train import predict_proba
 
     jpegs = [p.read_bytes() for p in xray_files]
     variants = {
@@ -422,7 +413,7 @@ def test_served_answers_equal_in_process_predictions(server: str, local_model, s
     client = MlflowClient(smoke_flow.tracking_uri)
     champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
     threshold = client.get_run(champion.run_id).data.metrics["val/final_threshold"]
-    python_model = local_model.unwrap_python_model()
+    python_model = local_model.unwrap_python_model().classifier
     # served with the test-time views the threshold was chosen with
     assert python_model.views == TTA_VIEWS[client.get_run(champion.run_id).data.params["cfg/tta"]]
     # ... and it is the ensemble that run saved, one sub-model per averaged epoch of each trained member
@@ -488,7 +479,7 @@ def test_server_rejects_a_real_decompression_bomb_and_garbage_bodies(server: str
 def test_cli_predict_over_http_and_in_process_agree(server: str, smoke_flow: FlowRun, xray_files: list[Path],
                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
-    from cxr_model.cli import build_parser
+    from cxr_pneumonia.cli import build_parser
 
     folder = tmp_path / "scans"
     (folder / "more").mkdir(parents=True)
@@ -522,7 +513,7 @@ def test_cli_predict_over_http_and_in_process_agree(server: str, smoke_flow: Flo
 
 def test_score_files_keeps_what_was_scored_when_the_server_fails_midway(tmp_path: Path) -> None:
     """A server that dies after the first batch: batch 1 keeps its scores, the rest say why they have none."""
-    from cxr_model.predict_cli import PredictError
+    from cxr_pneumonia.predict import PredictError
 
     files = []
     for n in range(5):
@@ -547,7 +538,7 @@ def test_score_files_keeps_what_was_scored_when_the_server_fails_midway(tmp_path
 def test_cli_predict_exit_status_when_the_server_is_gone(tmp_path: Path, capsys) -> None:
     import socket
 
-    from cxr_model.cli import build_parser
+    from cxr_pneumonia.cli import build_parser
 
     (tmp_path / "a.png").write_bytes(b"x")
     with socket.socket() as s:
@@ -563,8 +554,8 @@ def test_cli_predict_exit_status_when_the_server_is_gone(tmp_path: Path, capsys)
 
 def test_cli_predict_checks_the_csv_target_before_scoring_and_prints_before_writing(tmp_path: Path, capsys,
                                                                                      monkeypatch) -> None:
-    from cxr_model import predict_cli
-    from cxr_model.cli import build_parser
+    from cxr_pneumonia import predict as predict_cli
+    from cxr_pneumonia.cli import build_parser
 
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -606,7 +597,7 @@ def test_cli_predict_in_process_fails_at_once_when_the_tracking_server_does_not_
                                                                                       monkeypatch) -> None:
     import socket
 
-    from cxr_model.cli import build_parser
+    from cxr_pneumonia.cli import build_parser
 
     (tmp_path / "a.png").write_bytes(b"x")
     with socket.socket() as s:
@@ -621,8 +612,8 @@ def test_cli_predict_in_process_fails_at_once_when_the_tracking_server_does_not_
 
 def test_a_score_at_the_threshold_is_pneumonia_when_served() -> None:
     """`p >= threshold`, as evaluation calls it (cxr_model.evaluate.called_pneumonia)."""
-    model = CxrPneumoniaModel()
+    model = ServedClassifier.__new__(ServedClassifier)  # the scoring without a Keras model behind it
     model.threshold, model.image_size = 0.5, 16
     model.forward = lambda images: np.full(len(images), 0.5, np.float32)
-    out = model.predict(None, pd.DataFrame({INPUT_COLUMN: [GOOD_IMAGE]}))
+    out = model.predict(pd.DataFrame({INPUT_COLUMN: [GOOD_IMAGE]}))
     assert out["label"].tolist() == ["PNEUMONIA"]

@@ -9,7 +9,7 @@ import pandas as pd
 from cxr_model.cache import DecodedImages
 from cxr_model.gradcam import gradcam
 from cxr_model.model import ConvNetConfig, build_convnet
-from tasks.evaluate import gradcam_figure
+from cxr_pneumonia.tasks.evaluate import gradcam_figure
 
 
 def test_figure_maps_explain_each_images_answer_at_the_threshold() -> None:

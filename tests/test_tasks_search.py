@@ -1,4 +1,4 @@
-"""The search task's pipelines, on synthetic images (Prefect and MLflow imported, no flow or run started)."""
+"""The search's pipelines and state lock, on synthetic images (Prefect and MLflow imported, no flow or run started)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tasks.data
-import tasks.search
+import cxr_model.search
+import cxr_pneumonia.tasks.search
 from cxr_model.cache import DecodedImages
 from cxr_model.config import load_config
-from cxr_model.train import recipe_datasets
-from tasks.data import DataHandle
+from cxr_model.pipelines import recipe_datasets
+from cxr_pneumonia.tasks.data import DataHandle
 
 
 class _Built(Exception):
@@ -27,17 +27,17 @@ def test_search_trials_train_without_mixup_but_with_the_class_weights(monkeypatc
     manifest = pd.DataFrame(dict(sha256=keys, label=(np.arange(40) >= 10).astype(int),
                                  split=["train"] * 32 + ["val"] * 8))
     images = DecodedImages(keys, np.random.default_rng(0).integers(0, 256, (40, 32, 32, 1)).astype("uint8"))
-    monkeypatch.setattr(tasks.search, "open_data", lambda cfg, data: (manifest, images))
+    monkeypatch.setattr(cxr_pneumonia.tasks.search, "open_data", lambda cfg, data: (manifest, images))
     built = {}
 
     def spy(cfg, *arrays):
         built["train"], _ = recipe_datasets(cfg, *arrays)
         raise _Built
 
-    monkeypatch.setattr(tasks.data, "recipe_datasets", spy)
+    monkeypatch.setattr(cxr_model.search, "recipe_datasets", spy)
     cfg = load_config("smoke", image_size=32, mixup=0.4, search_fraction=1.0, augment=False, class_weights=True)
     with pytest.raises(_Built):
-        tasks.search.search.fn(cfg, DataHandle(manifest_path="unused", digest="d"), run_id="unused")
+        cxr_pneumonia.tasks.search.search.fn(cfg, DataHandle(manifest_path="unused", digest="d"), run_id="unused")
     batches = list(built["train"])  # one pass: each pass reshuffles
     labels, weights = (np.concatenate([b[i].numpy() for b in batches]) for i in (1, 2))
     assert set(np.unique(labels)) == {0.0, 1.0}  # hard labels: no image was blended
@@ -50,7 +50,7 @@ def test_state_lock_lets_one_flow_at_a_time_use_a_search_state_folder(tmp_path, 
     spans: dict[str, tuple[float, float]] = {}
 
     def flow(name: str, folder, hold: float) -> None:
-        with tasks.search.state_lock(folder):
+        with cxr_model.search.state_lock(folder):
             start = time.monotonic()
             time.sleep(hold)
             spans[name] = (start, time.monotonic())
@@ -72,8 +72,8 @@ def test_state_lock_lets_one_flow_at_a_time_use_a_search_state_folder(tmp_path, 
 
 
 def test_state_lock_without_file_locks_says_so_and_goes_on(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(tasks.search, "fcntl", None)
+    monkeypatch.setattr(cxr_model.search, "fcntl", None)
     ran = []
-    with tasks.search.state_lock(tmp_path / "tuner" / "x"):
+    with cxr_model.search.state_lock(tmp_path / "tuner" / "x"):
         ran.append(True)
     assert ran == [True] and "is not locked against other flows" in capsys.readouterr().out

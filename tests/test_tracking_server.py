@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from cxr_model.distributed import PORT_TAG
-from cxr_model.model_server import free_port, start_tracking_server, stop_model_server
+from cxr_pneumonia.model_server import free_port, start_tracking_server, stop_model_server
 from tests.conftest import run_cxr_train, start_cxr_train
 
 
@@ -104,7 +104,7 @@ def test_a_distributed_search_chief_and_two_workers_share_one_run(
         cwd.mkdir()
         env = {**os.environ, **oracle, "KERASTUNER_TUNER_ID": tuner_id, "MLFLOW_TRACKING_URI": url,
                "CXR_WORK_DIR": str(cwd / "work"), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "cxr_model.cli", "search-worker", "--data-dir", str(real_subset),
+        cmd = [sys.executable, "-m", "cxr_pneumonia.cli", "search-worker", "--data-dir", str(real_subset),
                "--wait-minutes", "10", "--threads", "1"]
         logs[tuner_id] = (cwd / "stdout.log", cwd / "stderr.log")
         with open(logs[tuner_id][0], "w") as out, open(logs[tuner_id][1], "w") as err:

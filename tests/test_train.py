@@ -8,20 +8,12 @@ import keras
 import numpy as np
 import pytest
 
+from cxr_model.callbacks import BestSnapshots, CosineEpochs, TimeBudget, training_callbacks
 from cxr_model.config import load_config
+from cxr_model.fitting import fit_networks, fit_recipe
+from cxr_model.inference import compile_forward
 from cxr_model.model import ConvNetConfig, build_convnet, count_flops, ensemble_members, mean_ensemble
-from cxr_model.train import (
-    BestSnapshots,
-    CosineEpochs,
-    TimeBudget,
-    compile_forward,
-    fit_networks,
-    fit_recipe,
-    loss_class_weights,
-    make_dataset,
-    recipe_datasets,
-    training_callbacks,
-)
+from cxr_model.pipelines import loss_class_weights, make_dataset, recipe_datasets
 
 
 def _tiny_data(n: int = 24, side: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -85,21 +85,33 @@ def http_predictor(url: str, timeout: float = 120.0) -> Predictor:
     return predict
 
 
+def check_local_store(uri: str) -> None:
+    """PredictError for a SQLite run store whose file does not exist: MLflow would create an empty one (a stray
+    mlflow.db in the current folder) and then fail to find the model."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if str(path) != ":memory:" and not path.is_file():
+        raise PredictError(f"no run store at {path.resolve()} (MLFLOW_TRACKING_URI={uri}): run this where `cxr "
+                           "train` ran, or point MLFLOW_TRACKING_URI at its store; nothing was created")
+
+
 def local_predictor(model_uri: str) -> Predictor:
     """Predict in this process with the pyfunc model at `model_uri` (MLFLOW_TRACKING_URI picks the registry)."""
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from cxr_model.serving import INPUT_COLUMN, RequestError
+    from cxr_model.errors import ServerError
+    from cxr_model.serving import INPUT_COLUMN
+    from cxr_pneumonia.checks import check_tracking_server
 
     if model_uri.startswith(("models:/", "runs:/")):
-        from cxr_model.cli import TrackingServerError, check_tracking_server
-
-        try:  # a server that does not answer: one clear line now, not MLflow's retries for minutes
+        try:  # a store that is not there, or a server that does not answer: one clear line now
             for uri in {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}:
+                check_local_store(uri)
                 check_tracking_server(uri)
-        except TrackingServerError as exc:
+        except ServerError as exc:
             raise PredictError(f"cannot load {model_uri}: {exc}") from None
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -109,10 +121,11 @@ def local_predictor(model_uri: str) -> Predictor:
     def predict(images: list[str]) -> list[dict]:
         try:
             return model.predict(pd.DataFrame({INPUT_COLUMN: images})).to_dict("records")
-        except RequestError as exc:
-            if not exc.errors:
+        except MlflowException as exc:  # the wrapper's RequestError (whichever copy of its code MLflow loaded)
+            errors = exc.json_kwargs.get("errors", [])
+            if not errors:
                 raise PredictError(exc.message) from None
-            raise BadRows(exc.message, exc.errors) from None
+            raise BadRows(exc.message, errors) from None
 
     return predict
 
