@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,18 @@ class DecodedImages:
         return np.asarray(self.images[[self.position[s] for s in frame["sha256"]]])
 
 
+def _decode_with_progress(paths: list[str], size: int, every_s: float = 10.0):
+    """Decode each file, printing a line with the count and elapsed time every `every_s` seconds and at the end
+    (a cold cache of the whole dataset takes minutes on 2 cores)."""
+    started = last = time.monotonic()
+    for i, path in enumerate(paths, start=1):
+        yield decode_file(path, size)
+        now = time.monotonic()
+        if now - last >= every_s or i == len(paths):
+            print(f"Decoded {i} of {len(paths)} images at {size} px ({now - started:.0f} s)")
+            last = now
+
+
 def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> DecodedImages:
     """Open the cache of `manifest` at `size`, decoding every image first on a cache miss.
 
@@ -43,7 +56,7 @@ def decoded_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path) -> 
     array_path, keys_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (array_path.exists() and keys_path.exists()):
         unique = manifest.drop_duplicates("sha256").sort_values("sha256")
-        images = np.stack([decode_file(p, size) for p in unique["path"]])  # (U, S, S, 1)
+        images = np.stack(list(_decode_with_progress(unique["path"].tolist(), size)))  # (U, S, S, 1)
         array_path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a crash never leaves a half-written cache that looks complete.
         # Both files, so that two processes filling the same cache at once (workers on a shared work folder)

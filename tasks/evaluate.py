@@ -115,6 +115,8 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     p_stressed = stressed_scores(predict, x_val)
     # fixed before test is read
     threshold = choose_threshold(y_val, p_val, cfg.threshold_rule, list(p_stressed.values()))
+    print(f"Threshold {threshold:.4f} chosen on {len(y_val)} validation images and {len(p_stressed)} stressed "
+          f"copies ({cfg.threshold_rule}); scoring the {len(y_test)} test images once")
     # how each rule's threshold carries over, on validation alone: to other images, and to an unseen stress
     rules = cross_fit_rules(y_val, p_val, repeats=CROSS_FIT_REPEATS, seed=cfg.seed)
     stressed_rules = cross_fit_stressed(y_val, p_val, p_stressed, seed=cfg.seed)

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from cxr_model.config import TrainConfig, load_config
 from cxr_model.stress import STRESSES
-from tests.conftest import REPO, FlowRun, run_cxr_train
+from tests.conftest import FlowRun, run_cxr_train
 
 pytestmark = pytest.mark.integration
 
@@ -188,4 +188,4 @@ def test_cli_without_data_explains_where_to_get_it(tmp_path) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "CXR_DATA_DIR" in proc.stderr and "chest-xray-pneumonia" in proc.stderr
-    assert REPO.exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "work").exists()  # refused before any write

@@ -36,6 +36,7 @@ def test_should_promote(new: float, current: float | None, promote: bool) -> Non
 
 
 def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
+    global_uri = mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     name = "cxr-test"
     client.create_registered_model(name)
@@ -61,7 +62,7 @@ def test_worse_version_becomes_challenger(tmp_path: Path) -> None:
     assert assign_alias(client, name, v4, 0.99, basis="roc_auc on validation (views scale)")[0] == CHALLENGER
     assert client.get_model_version_by_alias(name, CHAMPION).version == v3
     assert client.get_model_version(name, v4).tags["val_score_basis"] == "roc_auc on validation (views scale)"
-    assert mlflow.get_tracking_uri()  # the global URI was never touched by this test
+    assert mlflow.get_tracking_uri() == global_uri  # the client's store only: the process's URI is untouched
 
 
 def test_a_registry_that_cannot_be_read_hands_out_no_alias(tmp_path: Path) -> None:

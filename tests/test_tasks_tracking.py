@@ -1,0 +1,137 @@
+"""The tasks' MLflow plumbing, the visualize task, the evaluation summary and the model card, against a real
+(temporary) MLflow store; tasks run as plain functions (`.fn`), without a Prefect server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from cxr_model.cache import decoded_images
+from cxr_model.config import load_config
+from cxr_model.data import index_and_split
+from cxr_model.errors import DataError
+from cxr_pneumonia.tasks.data import DataHandle
+from cxr_pneumonia.tasks.evaluate import Evaluation, summary_markdown
+from cxr_pneumonia.tasks.register import model_card
+from cxr_pneumonia.tasks.tracking import (
+    MlflowEpochLogger,
+    in_run,
+    log_figure,
+    metric_key,
+    record_config,
+    retry_on_io,
+)
+from cxr_pneumonia.tasks.visualize import visualize
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> mlflow.MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    return client
+
+
+def test_metric_keys_are_prefixed_by_split() -> None:
+    assert metric_key("val_auc") == "val/auc" and metric_key("loss") == "train/loss"
+
+
+def test_in_run_attaches_to_a_run_and_leaves_it_running(store: mlflow.MlflowClient) -> None:
+    run_id = store.create_run(mlflow.get_experiment_by_name("t").experiment_id).info.run_id
+    with in_run(run_id) as run:
+        assert run.info.run_id == run_id
+        mlflow.log_metric("m", 1.0)
+        with in_run(run_id) as same:  # already active: reused, not restarted
+            assert same.info.run_id == run_id
+    assert mlflow.active_run() is None
+    assert store.get_run(run_id).info.status == "RUNNING" and store.get_run(run_id).data.metrics["m"] == 1.0
+
+
+def test_epoch_logger_logs_every_epoch_under_its_prefix(store: mlflow.MlflowClient) -> None:
+    with mlflow.start_run() as run:
+        logger = MlflowEpochLogger("member2/")
+        for epoch, (loss, auc) in enumerate([(0.7, 0.6), (0.5, 0.8)]):
+            logger.on_epoch_end(epoch, {"loss": loss, "val_auc": auc})
+    history = store.get_metric_history(run.info.run_id, "member2/val/auc")
+    assert [(m.step, m.value) for m in history] == [(0, 0.6), (1, 0.8)]
+    assert store.get_metric_history(run.info.run_id, "member2/train/loss")[-1].value == 0.5
+
+
+def test_log_figure_uploads_the_png_it_returns(store: mlflow.MlflowClient, tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    with mlflow.start_run() as run:
+        png = log_figure(fig, "plots/line.png")
+    saved = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/line.png",
+                                                     dst_path=str(tmp_path / "dl")))
+    assert png.startswith(b"\x89PNG") and saved.read_bytes() == png
+
+
+def test_record_config_logs_every_field_and_the_typed_config(store: mlflow.MlflowClient) -> None:
+    cfg = load_config("smoke", seed=7)
+    with mlflow.start_run() as run:
+        record_config.fn(cfg, run.info.run_id)
+    params = store.get_run(run.info.run_id).data.params
+    assert params["cfg/seed"] == "7" and {f"cfg/{k}" for k in type(cfg).model_fields} <= set(params)
+    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    assert type(cfg).model_validate({**config, "work_dir": cfg.work_dir}) == cfg
+
+
+def test_io_tasks_retry_a_server_failure_but_not_a_users_mistake() -> None:
+    from prefect.states import Completed, Failed
+
+    assert retry_on_io(None, None, Failed(data=ConnectionError("reset"))) is True
+    assert retry_on_io(None, None, Failed(data=DataError("no such folder"))) is False
+    assert retry_on_io(None, None, Completed(data=1)) is False
+
+
+def test_visualize_logs_the_three_data_figures(store: mlflow.MlflowClient, synthetic_dataset: Path,
+                                                tmp_path: Path) -> None:
+    cfg = load_config("smoke", data_dir=synthetic_dataset, image_size=32, work_dir=tmp_path / "work")
+    _, manifest, digest = index_and_split(cfg)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    decoded_images(manifest, cfg.image_size, cfg.cache_dir)
+    with mlflow.start_run() as run:
+        names = visualize.fn(cfg, DataHandle(manifest_path=str(tmp_path / "manifest.csv"), digest=digest),
+                             run.info.run_id, per_class=2)
+    logged = {a.path for a in store.list_artifacts(run.info.run_id, "plots")}
+    assert set(names) == logged == {"plots/class_counts.png", "plots/sample_images.png", "plots/augmentations.png"}
+    sample = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/sample_images.png",
+                                                 dst_path=str(tmp_path / "dl"))
+    assert Image.open(sample).size[0] > 200  # a real figure, not an empty file
+
+
+EVALUATION = Evaluation(
+    threshold=0.6123,
+    val={"accuracy": 0.95, "precision": 0.97, "sensitivity": 0.96, "specificity": 0.93, "f1": 0.965,
+         "roc_auc": 0.991, "pr_auc": 0.995, "brier": 0.03, "ece": 0.02},
+    test={"accuracy": 0.91, "precision": 0.89, "sensitivity": 0.98, "specificity": 0.79, "f1": 0.93,
+          "roc_auc": 0.97, "pr_auc": 0.98, "brier": 0.1, "ece": 0.15},
+    val_stressed={"blur": {"sensitivity": 0.9, "specificity": 0.8, "roc_auc": 0.95}},
+)
+
+
+def test_the_evaluation_summary_carries_the_threshold_both_splits_and_the_stresses() -> None:
+    cfg = load_config("default")
+    rules = {"margin": {"balanced_accuracy": 0.94, "threshold_logit_sd": 0.3}}
+    text = summary_markdown(cfg, EVALUATION, "REPORT", rules)
+    assert "Threshold **0.6123**, chosen on validation by the `stressed_margin` rule" in text
+    assert "| accuracy | 0.9500 | 0.9100 |" in text and "| specificity | 0.9300 | 0.7900 |" in text
+    assert "| blur | 0.900 | 0.800 | 0.9500 |" in text and "| margin | 0.9400 | 0.300 |" in text
+    assert f"over {len(cfg.views)} test-time view(s)" in text and text.rstrip().endswith("REPORT\n```")
+
+
+def test_the_model_card_states_input_threshold_numbers_and_limits() -> None:
+    cfg = load_config("default", seed=3)
+    card = model_card(cfg, EVALUATION, "abcdef0123456789", "run42")
+    assert "seed 3" in card and "run `run42`" in card and "`abcdef012345`" in card
+    assert "resized to 96 px" in card and "threshold 0.6123" in card
+    assert "| roc_auc | 0.9910 | 0.9700 |" in card and "| specificity | 0.9300 | 0.7900 |" in card
+    assert "Research use only" in card and "nan" not in card.lower()  # a wrong metric key would read NaN
+
