@@ -15,6 +15,7 @@ from typing import get_args
 from pydantic import ValidationError
 
 from cxr_model.config import AUGMENTATION_FIELDS, PROFILES, THRESHOLD_RULES, TTA_VIEWS, DataConfigError, TrainConfig
+from cxr_model.distributed import SearchFault
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the documented run store, whatever MLflow's own default is
 
@@ -38,6 +39,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-epochs", type=int)
     p.add_argument("--search-fraction", type=float)
     p.add_argument("--resume", action="store_true", default=None, help="continue the saved search state")
+    p.add_argument("--search-worker-timeout", type=float, metavar="SECONDS",
+                   help="distributed search: drop a worker silent this long and hand its trial to another (120)")
     # the search space: ranges (MIN MAX) or choices (N ...) of cxr_model.search.SearchSpace
     p.add_argument("--search-blocks", type=int, nargs=2, metavar=("MIN", "MAX"), help="conv blocks")
     p.add_argument("--search-filters", type=int, nargs="+", metavar="N", help="filters of the first block")
@@ -255,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataConfigError, TrackingServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SearchFault as exc:  # a distributed search that cannot finish: one line, not a traceback to read
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

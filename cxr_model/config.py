@@ -99,6 +99,9 @@ class TrainConfig(BaseModel):
     search_epochs: int = Field(3, ge=1)  # epochs per trial (hyperband: max epochs)
     search_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the training split each trial sees
     resume: bool = False  # continue the search state in work_dir instead of starting over
+    # distributed search: the chief drops a worker silent this many seconds and hands its trial to another
+    # (cxr_model.distributed_faults); workers beat six times per period
+    search_worker_timeout: float = Field(120.0, ge=5.0, le=86400.0)
     # training
     epochs: int = Field(12, ge=1)  # upper bound; early stopping on validation decides
     batch_size: int = Field(32, ge=1)
