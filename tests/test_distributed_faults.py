@@ -332,33 +332,46 @@ def _running_trial(client, tuner_id: str):
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
         real_subset: Path, tracking_server: tuple[str, Path], tmp_path: Path) -> None:  # noqa: F811
-    """`cxr train` as chief, two `cxr search-worker` processes; tuner0 is `kill -9`ed in its first trial: the
-    chief drops it after the timeout, marks that trial's run FAILED, tuner1 runs the trial again, the flow
-    registers its model."""
+    """`cxr train` as chief and two `cxr search-worker` processes; tuner0 is `kill -9`ed mid-trial once tuner1
+    is up: the chief drops it after the timeout, marks that trial's run FAILED, tuner1 runs the trial again, and
+    the flow registers its model."""
     from mlflow import MlflowClient
 
     url, _ = tracking_server
     client = MlflowClient(url)
     oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
-    workers = {t: _start_worker(t, tmp_path / t, real_subset, oracle, url) for t in ("tuner0", "tuner1")}
-    chief, finish_flow = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "3",
-                                         "--search-worker-timeout", "15", "--model-name", "cxr-faults",
+    # two epochs a trial: tuner0 is still busy with the search when tuner1 has started (about 20 s on 2 cores)
+    chief, finish_flow = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "4", "--search-epochs",
+                                         "2", "--search-worker-timeout", "15", "--model-name", "cxr-faults",
                                          env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"},
                                          tracking_uri=url)
-    try:
+    workers = {"tuner0": _start_worker("tuner0", tmp_path / "tuner0", real_subset, oracle, url)}
+
+    def wait_for(what: str, condition: Callable[[], object]):
         deadline = time.monotonic() + 600
-        while (victim := _running_trial(client, "tuner0")) is None:
-            assert time.monotonic() < deadline and chief.poll() is None, "tuner0 never started a trial"
-            assert workers["tuner0"].poll() is None, (tmp_path / "tuner0" / "stderr.log").read_text()[-3000:]
+        while not (found := condition()):
+            assert time.monotonic() < deadline and chief.poll() is None, f"{what}: not before the chief ended"
+            for tuner_id, proc in workers.items():
+                assert proc.poll() is None, f"{tuner_id} ended:" + (tmp_path / tuner_id / "stdout.log").read_text()
             time.sleep(0.3)
+        return found
+
+    try:
+        # tuner1 starts once tuner0 has a trial (else a worker started first may run them all), and tuner0 dies
+        # once tuner1 beats (else no worker would be left)
+        wait_for("a trial on tuner0", lambda: _running_trial(client, "tuner0"))
+        workers["tuner1"] = _start_worker("tuner1", tmp_path / "tuner1", real_subset, oracle, url)
+        wait_for("tuner1 beating", lambda: "Search worker tuner1: run" in (tmp_path / "tuner1" / "stdout.log")
+                 .read_text())
+        victim = wait_for("tuner0 mid-trial", lambda: _running_trial(client, "tuner0"))
         workers["tuner0"].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         flow = finish_flow(timeout=600)
+        print(f"the flow finished {time.monotonic() - killed_at:.0f} s after the kill")
         workers["tuner1"].wait(timeout=120)
     finally:
         for proc in (chief, *workers.values()):
             proc.kill()
-    print(f"chief finished {time.monotonic() - killed_at:.0f} s after the kill")
     assert workers["tuner1"].returncode == 0, (tmp_path / "tuner1" / "stderr.log").read_text()[-3000:]
     trial_id = victim.data.tags["trial_id"]
     assert f"trial {trial_id}: worker tuner0 stopped answering mid-trial" in flow.stdout + flow.stderr
@@ -367,11 +380,12 @@ def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
     assert dead.info.status == "FAILED" and "worker tuner0 stopped answering" in dead.data.tags["cxr.failure"]
     run_id = flow.result["run_id"]
     parent = client.get_run(run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["search/completed_trials"] == 3
+    assert parent.info.status == "FINISHED" and parent.data.metrics["search/completed_trials"] == 4
     trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
                                 "tags.`cxr.role` = 'trial' and attributes.status = 'FINISHED'")
-    assert sorted(t.data.tags["trial_id"] for t in trials) == ["0", "1", "2"]  # each once, to the end
-    assert {t.data.tags["tuner_id"] for t in trials} == {"tuner1"}
+    finished = {t.data.tags["trial_id"]: t.data.tags["tuner_id"] for t in trials}
+    assert sorted(finished) == ["0", "1", "2", "3"] and len(trials) == 4  # each trial once, to the end
+    assert finished[trial_id] == "tuner1"  # the killed worker's trial, run again by the other
     report = json.loads((tmp_path / "tuner1" / "stdout.log").read_text().strip().splitlines()[-1])
-    assert trial_id in report["trials"] and len(report["trials"]) == 3
+    assert trial_id in report["trials"]
     assert client.get_model_version_by_alias("cxr-faults", "champion").version == flow.result["registered"]["version"]
