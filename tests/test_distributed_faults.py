@@ -389,3 +389,44 @@ def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
     report = json.loads((tmp_path / "tuner1" / "stdout.log").read_text().strip().splitlines()[-1])
     assert trial_id in report["trials"]
     assert client.get_model_version_by_alias("cxr-faults", "champion").version == flow.result["registered"]["version"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_chief_fails_in_one_line_when_its_only_worker_is_killed(
+        real_subset: Path, tracking_server: tuple[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """No worker left: `cxr train` ends with one `error:` line and exit status 1 after the timeout, not a hang;
+    neither the flow's run nor the trial's is left RUNNING."""
+    from mlflow import MlflowClient
+
+    url, _ = tracking_server
+    client = MlflowClient(url)
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+    chief, finish_flow = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "2",
+                                         "--search-worker-timeout", "10", "--model-name", "cxr-faults-alone",
+                                         env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"},
+                                         tracking_uri=url)
+    worker = _start_worker("tuner0", tmp_path / "tuner0", real_subset, oracle, url)
+    try:
+        deadline = time.monotonic() + 600
+        while (victim := _running_trial(client, "tuner0")) is None:
+            assert time.monotonic() < deadline and worker.poll() is None and chief.poll() is None
+            time.sleep(0.3)
+        worker.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        chief.wait(timeout=300)
+        print(f"the chief failed {time.monotonic() - killed_at:.0f} s after the kill")
+    finally:
+        chief.kill()
+        worker.kill()
+    stderr = next((tmp_path / "chief").glob("stderr-*.log")).read_text()
+    assert chief.returncode == 1, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # the CLI's line (Prefect's log
+    assert len(errors) == 1, stderr[-4000:]  # of its temporary server's end may follow)
+    assert errors[0].startswith("error: no search worker left: none has sent a heartbeat for 10 s and trial "
+                                f"{victim.data.tags['trial_id']} waits to run again"), errors
+    assert client.get_run(victim.info.run_id).info.status == "FAILED"
+    parent = client.get_run(victim.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    with pytest.raises(AssertionError):  # no result: the flow did not finish
+        finish_flow(timeout=1)
