@@ -103,6 +103,9 @@ class TrainConfig(BaseModel):
     search_epochs: int = Field(3, ge=1, description="epochs per trial (hyperband: max epochs)")
     search_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training split each trial sees")
     resume: bool = Field(False, description="continue the saved search state instead of starting over")
+    # workers beat six times per period (cxr_model.distributed_faults); not part of the search state's key
+    search_worker_timeout: float = Field(120.0, ge=5.0, le=86400.0, description=(
+        "distributed search: drop a worker silent this many seconds and hand its trial to another"))
     # training
     epochs: int = Field(12, ge=1, description="most epochs of the final training; early stopping on validation decides")
     batch_size: int = Field(32, ge=1, description="images per training step")

@@ -27,6 +27,10 @@ TUNER_ID, ORACLE_IP, ORACLE_PORT = "KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP"
 PORT_TAG = "cxr.search_oracle_port"
 
 
+class SearchFault(RuntimeError):
+    """A distributed search that cannot finish (no worker left, trials failing in a row): one line saying why."""
+
+
 @dataclass(frozen=True)
 class SearchRole:
     role: Literal["chief", "worker"]

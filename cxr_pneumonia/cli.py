@@ -18,6 +18,7 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 
 from cxr_model.config import PROFILES, TrainConfig
+from cxr_model.distributed import SearchFault
 from cxr_model.errors import ConfigError, CxrError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the documented run store, whatever MLflow's own default is
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SearchFault as exc:  # a distributed search that cannot finish: one line, not a traceback to read
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

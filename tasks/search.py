@@ -27,6 +27,7 @@ from cxr_model.distributed import (
     worker_instructions,
     worker_role,
 )
+from cxr_model.distributed_faults import BEATS_PER_TIMEOUT, Heartbeat, LostTrial, serve_search, watch_worker_client
 from cxr_model.errors import ConfigError, DataError
 from cxr_model.runtime import configure_threads
 from cxr_model.search import (
@@ -80,6 +81,18 @@ def retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def fail_lost_trial_run(parent_run_id: str, lost: LostTrial) -> None:
+    """Mark FAILED the run of a trial whose worker the chief dropped (it cannot end the run itself)."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{lost.trial_id}' "
+                              f"and tags.tuner_id = '{lost.tuner_id}' and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "cxr.failure", lost.reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
 def _tuner(cfg: TrainConfig, directory: Path, project_name: str, resume: bool, parent_run_id: str):
     tuner = make_tuner(cfg.tuner, ConvNetHyperModel(cfg.image_size, SearchSpace.from_config(cfg)), directory,
                        project_name=project_name, max_trials=cfg.max_trials, search_epochs=cfg.search_epochs,
@@ -116,7 +129,11 @@ def search(cfg: TrainConfig, data: DataHandle, run_id: str) -> list[dict]:
                 mlflow.set_tags({PORT_TAG: str(role.port), "cxr.search_oracle": role.address})
                 serving = True
                 print(worker_instructions(role, run_id))
-            tuner.search(setup.train, **setup.fit)  # on the chief: serves the oracle until the workers are done
+            if serving:  # until the workers are done; a dead worker's trial goes to another one
+                serve_search(tuner, role.address, cfg.search_worker_timeout, setup.fit["verbose"],
+                             on_trial_lost=lambda lost: fail_lost_trial_run(run_id, lost))
+            else:
+                tuner.search(setup.train, **setup.fit)
             if serving:
                 # Keras-Tuner saves the oracle before it drops an ended trial from the running ones, and only a
                 # trial's end saves it on a chief: without this the last trial would run again on --resume
@@ -214,6 +231,8 @@ def run_worker_trials(chief: ChiefRun) -> dict:
         raise DataError(f"the data at {cfg.resolved_data_dir()} give manifest digest {digest}, the chief's run "
                         f"{chief.run_id} has {chief.data_digest}: a worker must see the same files, labels and split")
     print(f"Search worker {role.tuner_id}: run {chief.run_id}, oracle {role.address}, data digest {digest}")
+    # from here the chief counts this worker live; it drops one silent for cfg.search_worker_timeout seconds
+    beats = Heartbeat(role.address, role.tuner_id, cfg.search_worker_timeout / BEATS_PER_TIMEOUT).start()
     keras.utils.set_random_seed(cfg.seed)
     images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
     setup = search_setup(cfg, manifest, images, digest)
@@ -222,8 +241,12 @@ def run_worker_trials(chief: ChiefRun) -> dict:
     # chief's oracle state when both share a work folder
     tuner = _tuner(cfg, cfg.tuner_dir / "workers" / role.tuner_id, setup.project_name, False, chief.run_id)
     check_same_space(tuner, cfg, role.address, chief.run_id)
+    watch_worker_client(tuner.oracle, role.address)  # paced IDLE answers; failed trials' errors to the chief
     started = time.perf_counter()
-    tuner.search(setup.train, **setup.fit)
+    try:
+        tuner.search(setup.train, **setup.fit)
+    finally:
+        beats.stop()
     ran = sorted(getattr(tuner, "ran_trials", []))
     print(f"Search worker {role.tuner_id}: the chief has no more trials; ran {len(ran)} "
           f"({', '.join(ran) or 'none'}) in {time.perf_counter() - started:.0f} s")
