@@ -156,6 +156,7 @@ def test_smoke_deployment_runs_on_the_worker_and_registers_a_champion(stack: Sta
 
 def test_serve_scores_a_real_film_over_http(stack: Stack) -> None:
     started = time.monotonic()
+    assert stack.champion("cxr-pneumonia"), "no champion to serve (the smoke deployment did not register one)"
     stack.compose("up", "-d", "--wait", "--wait-timeout", "300", "serve", timeout=360)
     try:
         film = next((Path(stack.env["CXR_DATA_HOST_DIR"]) / "test" / "PNEUMONIA").glob("*.jpeg"))
