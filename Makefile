@@ -6,7 +6,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup train test lint ui clean
+.PHONY: setup train test stack-test lint ui clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -19,6 +19,9 @@ train: setup  ## the main job: the whole flow, default profile (needs CXR_DATA_D
 
 test: setup  ## unit tests on synthetic images + integration tests on a small real subset
 	$(VENV)/bin/pytest $(ARGS)
+
+stack-test: setup  ## the team stack (docker/compose.yaml) in real containers; skips where Docker cannot run
+	bash docker/stack_test.sh $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check cxr_model cxr_pneumonia tasks flows tests benchmarks
