@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cxr_model.cache import decoded_images  # noqa: E402
+from cxr_model.data import split_rows  # noqa: E402
 from cxr_model.gradcam import gradcam  # noqa: E402
 
 ROWS, COLS = (0.2, 0.8), (0.15, 0.85)  # the central box, as fractions of the side
@@ -61,7 +62,7 @@ def class_region_shares(model: keras.Model, images: np.ndarray, labels: np.ndarr
 def run_regions(folder: Path, cache_dir: Path, per_class: int, seed: int) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
     manifest = pd.read_csv(folder / "manifest.csv")
-    val = manifest[manifest["split"] == "val"].sort_values("path")  # the test split is never decoded
+    val = split_rows(manifest, "val").sort_values("path")  # the test split is never decoded
     images = decoded_images(val, meta["image_size"], cache_dir).take(val)
     model = keras.models.load_model(folder / "model.keras", compile=False)
     return dict(run_id=meta.get("run_id", folder.name), image_size=meta["image_size"],

@@ -30,7 +30,7 @@ from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference
 
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
-from cxr_model.data import index_dataset  # noqa: E402
+from cxr_model.data import index_dataset, split_rows  # noqa: E402
 from cxr_model.evaluate import binary_metrics  # noqa: E402
 from cxr_model.inference import predict_proba  # noqa: E402
 from cxr_model.pipelines import make_dataset  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     manifest = index_dataset(cfg.resolved_data_dir()).manifest
     images = decoded_images(manifest, IMAGE_SIZE, cfg.cache_dir)
     # the Kaggle layout's 16-image val/ folder, where present, trains too (the notebook had no use for it either)
-    parts = {"train": manifest[manifest["split"] != "test"], "test": manifest[manifest["split"] == "test"]}
+    parts = {"train": manifest[manifest["split"] != "test"], "test": split_rows(manifest, "test")}
     train, test = ((images.take(p), p["label"].to_numpy()) for p in parts.values())
     out = HERE / "results" / "reference-runs.json"
     runs = json.loads(out.read_text()) if out.exists() else []

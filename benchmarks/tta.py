@@ -30,7 +30,11 @@ from mlflow import MlflowClient  # noqa: E402
 
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import TTA_VIEWS, load_config  # noqa: E402
-from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
+from cxr_model.data import (  # noqa: E402
+    index_dataset,
+    split_by_patient,
+    split_rows,  # noqa: E402
+)
 from cxr_model.evaluate import binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
 from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.stress import stresses  # noqa: E402
@@ -51,7 +55,7 @@ def registered_validation(version: str, name: str, data_dir: str | None):
     cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=int(params["cfg/seed"]),
                       val_fraction=float(params["cfg/val_fraction"]), image_size=int(params["cfg/image_size"]))
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
-    val = manifest[manifest["split"] == "val"]  # the run's own held-out patients; test is never loaded
+    val = split_rows(manifest, "val")  # the run's own held-out patients; test is never loaded
     xv, yv = decoded_images(val, cfg.image_size, cfg.cache_dir).take(val), val["label"].to_numpy()
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier.model
     return model, params, xv, yv
