@@ -33,7 +33,7 @@ from cxr_model.config import TTA_VIEWS, load_config  # noqa: E402
 from cxr_model.data import (  # noqa: E402
     index_dataset,
     split_by_patient,
-    split_rows,  # noqa: E402
+    split_rows,
 )
 from cxr_model.evaluate import binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
 from cxr_model.inference import compile_forward  # noqa: E402
