@@ -68,29 +68,29 @@ class MlflowTrials:
             return results
 
 
+def end_running_trial_runs(parent_run_id: str, trial_id: str, status: str, tag: tuple[str, str],
+                           tuner_id: str | None = None) -> None:
+    """End with `status` (and tag with `tag`) every RUNNING nested run of one trial, of one worker if `tuner_id`."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    worker = f"and tags.tuner_id = '{tuner_id}' " if tuner_id is not None else ""
+    query = (f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}' {worker}"
+             "and attributes.status = 'RUNNING'")
+    for run in client.search_runs([parent.info.experiment_id], query):
+        client.set_tag(run.info.run_id, *tag)
+        client.set_terminated(run.info.run_id, status=status)
+
+
 def retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:
     """Mark KILLED an earlier run of this trial that never finished: a worker that died mid-trial, whose trial
     Keras-Tuner hands again to the restarted worker. One finished run per trial stays the rule."""
-    client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    stale = client.search_runs([parent.info.experiment_id],
-                               f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}' "
-                               "and attributes.status = 'RUNNING'")
-    for run in stale:
-        client.set_tag(run.info.run_id, "cxr.superseded", "its trial was run again (the process running it stopped)")
-        client.set_terminated(run.info.run_id, status="KILLED")
+    end_running_trial_runs(parent_run_id, trial_id, "KILLED",
+                           ("cxr.superseded", "its trial was run again (the process running it stopped)"))
 
 
 def fail_lost_trial_run(parent_run_id: str, lost: LostTrial) -> None:
     """Mark FAILED the run of a trial whose worker the chief dropped (it cannot end the run itself)."""
-    client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{lost.trial_id}' "
-                              f"and tags.tuner_id = '{lost.tuner_id}' and attributes.status = 'RUNNING'")
-    for run in runs:
-        client.set_tag(run.info.run_id, "cxr.failure", lost.reason)
-        client.set_terminated(run.info.run_id, status="FAILED")
+    end_running_trial_runs(parent_run_id, lost.trial_id, "FAILED", ("cxr.failure", lost.reason), lost.tuner_id)
 
 
 def _tuner(cfg: TrainConfig, directory: Path, project_name: str, resume: bool, parent_run_id: str):
