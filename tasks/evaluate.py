@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 import cxr_model.layers  # noqa: F401  (registers the model's own layers for loading)
 from cxr_model import plots
+from cxr_model.adapt import calibration_record
 from cxr_model.cache import DecodedImages
 from cxr_model.config import TrainConfig
 from cxr_model.data import split_rows
@@ -38,6 +39,9 @@ class Evaluation(BaseModel):
     val: dict[str, float]
     test: dict[str, float]
     val_stressed: dict[str, dict[str, float]] = {}  # stress -> validation metrics at the threshold
+    # temperature and bias on the logit fitted on validation, and validation ECE before and after: `cxr adapt`
+    # starts from probabilities calibrated on the source population
+    calibration: dict[str, float] = {}
 
 
 CROSS_FIT_REPEATS = 50  # halvings of validation per threshold-rule check (2 fits each)
@@ -123,7 +127,8 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
     p_test = predict(images.take(test))
     result = Evaluation(threshold=threshold, val=binary_metrics(y_val, p_val, threshold),
                         test=binary_metrics(y_test, p_test, threshold),
-                        val_stressed={k: binary_metrics(y_val, p, threshold) for k, p in p_stressed.items()})
+                        val_stressed={k: binary_metrics(y_val, p, threshold) for k, p in p_stressed.items()},
+                        calibration=calibration_record(y_val, p_val))
     report = classification_report(y_test, p_test, threshold)
     summary = summary_markdown(cfg, result, report, rules, stressed_rules)
     with in_run(run_id):
@@ -134,6 +139,7 @@ def evaluate(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, run_id: 
         mlflow.log_metrics({f"val/threshold_stress_cv/{rule}_{k}": v for rule, row in stressed_rules.items()
                             for k, v in row.items()})
         mlflow.log_metrics({f"test/{k}": v for k, v in result.test.items()})
+        mlflow.log_metrics({f"val/calibration_{k}": v for k, v in result.calibration.items()})
         mlflow.log_metric("test_accuracy", result.test["accuracy"])  # the reference notebook's headline
         figures = {
             "plots/gradcam_test.png": gradcam_figure(model, test, images, p_test, threshold),

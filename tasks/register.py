@@ -196,9 +196,11 @@ def register(cfg: TrainConfig, data: DataHandle, trained: TrainedModel, evaluati
     out = Path(trained.model_path).parent
     meta = dict(threshold=evaluation.threshold, image_size=cfg.image_size, labels=["NORMAL", "PNEUMONIA"],
                 threshold_rule=cfg.threshold_rule, views=[list(v) for v in cfg.views], data_digest=data.digest,
-                run_id=run_id)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+                run_id=run_id, calibration=evaluation.calibration)
     manifest = read_manifest(data)
+    # the training split's PNEUMONIA share: the prior `cxr adapt` moves a site's threshold from
+    meta["source_prior"] = float(split_rows(manifest, "train")["label"].mean())
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
     example_path = split_rows(manifest, "val")["path"].iloc[0]
     example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_path)]})
     score = float(evaluation.val[cfg.champion_metric])
