@@ -322,6 +322,11 @@ def _start_worker(tuner_id: str, cwd: Path, data: Path, oracle: dict, url: str) 
                                  "--wait-minutes", "10", "--threads", "1"], cwd=cwd, env=env, stdout=out, stderr=err)
 
 
+def _worker_log(cwd: Path) -> str:
+    """The worker's stdout (its JSON report) and stderr (its flow's log lines)."""
+    return (cwd / "stdout.log").read_text() + (cwd / "stderr.log").read_text()
+
+
 def _running_trial(client, tuner_id: str):
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, f"tags.tuner_id = '{tuner_id}' and attributes.status = 'RUNNING'")
@@ -340,29 +345,27 @@ def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
     url, _ = tracking_server
     client = MlflowClient(url)
     oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
-    # two epochs a trial: tuner0 is still busy with the search when tuner1 has started (about 20 s on 2 cores)
-    chief, finish_flow = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "4", "--search-epochs",
+    # both workers start together: each takes about 20 s to start on 2 cores, longer than a trial, so a worker
+    # started after the other has a trial may find the search done; six trials leave work for both
+    chief, finish_flow = start_cxr_train(tmp_path / "chief", real_subset, "--max-trials", "6", "--search-epochs",
                                          "2", "--search-worker-timeout", "15", "--model-name", "cxr-faults",
                                          env={**os.environ, **oracle, "KERASTUNER_TUNER_ID": "chief"},
                                          tracking_uri=url)
-    workers = {"tuner0": _start_worker("tuner0", tmp_path / "tuner0", real_subset, oracle, url)}
+    workers = {tuner_id: _start_worker(tuner_id, tmp_path / tuner_id, real_subset, oracle, url)
+               for tuner_id in ("tuner0", "tuner1")}
 
     def wait_for(what: str, condition: Callable[[], object]):
         deadline = time.monotonic() + 600
         while not (found := condition()):
             assert time.monotonic() < deadline and chief.poll() is None, f"{what}: not before the chief ended"
             for tuner_id, proc in workers.items():
-                assert proc.poll() is None, f"{tuner_id} ended:" + (tmp_path / tuner_id / "stdout.log").read_text()
+                assert proc.poll() is None, f"{tuner_id} ended:" + _worker_log(tmp_path / tuner_id)
             time.sleep(0.3)
         return found
 
     try:
-        # tuner1 starts once tuner0 has a trial (else a worker started first may run them all), and tuner0 dies
-        # once tuner1 beats (else no worker would be left)
-        wait_for("a trial on tuner0", lambda: _running_trial(client, "tuner0"))
-        workers["tuner1"] = _start_worker("tuner1", tmp_path / "tuner1", real_subset, oracle, url)
-        wait_for("tuner1 beating", lambda: "Search worker tuner1: run" in (tmp_path / "tuner1" / "stdout.log")
-                 .read_text())
+        # tuner0 dies mid-trial once tuner1 has joined (else no worker would be left)
+        wait_for("tuner1 joined", lambda: "Search worker tuner1: run" in _worker_log(tmp_path / "tuner1"))
         victim = wait_for("tuner0 mid-trial", lambda: _running_trial(client, "tuner0"))
         workers["tuner0"].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -380,11 +383,11 @@ def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
     assert dead.info.status == "FAILED" and "worker tuner0 stopped answering" in dead.data.tags["cxr.failure"]
     run_id = flow.result["run_id"]
     parent = client.get_run(run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["search/completed_trials"] == 4
+    assert parent.info.status == "FINISHED" and parent.data.metrics["search/completed_trials"] == 6
     trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
                                 "tags.`cxr.role` = 'trial' and attributes.status = 'FINISHED'")
     finished = {t.data.tags["trial_id"]: t.data.tags["tuner_id"] for t in trials}
-    assert sorted(finished) == ["0", "1", "2", "3"] and len(trials) == 4  # each trial once, to the end
+    assert sorted(finished) == [str(i) for i in range(6)] and len(trials) == 6  # each trial once, to the end
     assert finished[trial_id] == "tuner1"  # the killed worker's trial, run again by the other
     report = json.loads((tmp_path / "tuner1" / "stdout.log").read_text().strip().splitlines()[-1])
     assert trial_id in report["trials"]
