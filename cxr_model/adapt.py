@@ -15,7 +15,8 @@ import numpy as np
 
 from cxr_model.errors import CxrError
 from cxr_model.evaluate import expected_calibration_error
-from cxr_model.preprocess import decode_file
+from cxr_model.preprocess import decode_image_and_colour
+from cxr_model.serving import adapted_probability, check_not_blank, check_not_colour
 
 PRIOR_EDGE = 0.05  # an estimated prior under it (or over 1 - it) is no site population: one class only
 MAX_JUNK_SHARE = 0.5  # a folder where more than this share of files is unreadable is refused
@@ -23,7 +24,6 @@ MIN_FILMS = 32  # fewest readable films `cxr adapt` accepts (docs/adaptation.md,
 BLEND_PRIOR = 16.0  # N of the AdaBN blend: source statistics weigh N / (N + n) (docs/adaptation.md)
 EM_TOLERANCE = 1e-6
 EM_MAX_ITER = 1000
-MIN_GREY_SD = 2.0  # as the served model refuses blank frames (cxr_model.serving.MIN_GREY_SD)
 BOOTSTRAP = 200  # resamples of the site's films for the prior's interval
 
 
@@ -38,11 +38,6 @@ def _logit(p) -> np.ndarray:
 
 def _sigmoid(z) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
-def adapted_probability(p, scale: float, offset: float) -> np.ndarray:
-    """sigmoid(scale * logit(p) + offset): an adapted version's served probability from its network's score."""
-    return _sigmoid(scale * _logit(p) + offset)
 
 
 # --- calibration ---------------------------------------------------------------------------------------------
@@ -166,6 +161,17 @@ def batchnorm_layers(model) -> list:
     return found
 
 
+def batchnorm_state(model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every BatchNorm layer's moving mean and variance, copied (to put back with `restore_batchnorm`)."""
+    return [(np.array(bn.moving_mean), np.array(bn.moving_variance)) for bn in batchnorm_layers(model)]
+
+
+def restore_batchnorm(model, state: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for bn, (mean, var) in zip(batchnorm_layers(model), state, strict=True):
+        bn.moving_mean.assign(mean)
+        bn.moving_variance.assign(var)
+
+
 def _weighted_moments(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and variance of (N, ..., C) activations, each image weighted by `weights` (N,)."""
     w = weights / weights.sum()
@@ -223,7 +229,8 @@ class SiteFilms:
 
 
 def read_site_folder(folder: str | Path, image_size: int, min_films: int = MIN_FILMS) -> SiteFilms:
-    """Every file under `folder` (any layout) decoded as the model sees it; names are never read as labels.
+    """Every file under `folder` (any layout) decoded as the served model decodes a request; names are never read
+    as labels.
 
     AdaptError when the folder is missing, when more than MAX_JUNK_SHARE of its files are unreadable (listed),
     or when fewer than `min_films` films are readable.
@@ -235,10 +242,10 @@ def read_site_folder(folder: str | Path, image_size: int, min_films: int = MIN_F
     images, files, skipped = [], [], []
     digest = hashlib.sha256()
     for path in paths:
-        try:
-            image = decode_file(path, image_size)
-            if np.std(image) < MIN_GREY_SD:
-                raise ValueError("blank image")
+        try:  # read as the served model reads a request: a colour picture or a blank frame is no film
+            image, colour = decode_image_and_colour(path.read_bytes(), image_size)
+            check_not_colour(colour)
+            check_not_blank(image)
         except (ValueError, OSError) as exc:
             skipped.append((str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             continue

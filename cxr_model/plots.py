@@ -129,3 +129,31 @@ def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], co
         ax.set_title(caption, fontsize=9)
     fig.suptitle("Grad-CAM on fixed test images: where the evidence for the model's answer is")
     return fig
+
+
+def adaptation_scores(scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> Figure:
+    """One histogram of the site's scores per adaptation step (unadapted, calibrated, ...), its threshold drawn."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.4), sharey=True, squeeze=False)
+    for ax, (step, p) in zip(axes[0], scores.items(), strict=True):
+        ax.hist(np.asarray(p, dtype=np.float64), bins=20, range=(0, 1), color="#4c72b0")
+        if step in thresholds:
+            ax.axvline(thresholds[step], color="#c44e52", ls="--", label=f"threshold {thresholds[step]:.3f}")
+            ax.legend(fontsize=8, loc="upper center")
+        ax.set(title=step, xlabel="P(PNEUMONIA)")
+    axes[0][0].set_ylabel("films")
+    fig.suptitle("The site's films, scored after each adaptation step")
+    fig.tight_layout()
+    return fig
+
+
+def em_convergence(history: list[float], source_prior: float, interval: tuple[float, float] | None) -> Figure:
+    """The EM estimate of the site's PNEUMONIA share after each step, from the training share."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(range(len(history) + 1), [source_prior, *history], marker=".", label="EM estimate")
+    ax.axhline(source_prior, color="grey", ls=":", label=f"training share {source_prior:.3f}")
+    if interval:
+        ax.axhspan(*interval, color="#55a868", alpha=0.2, label=f"bootstrap 95 % {interval[0]:.3f}-{interval[1]:.3f}")
+    ax.set(xlabel="EM step", ylabel="PNEUMONIA share", ylim=(0, 1), title="Class prior of the site (EM)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -69,6 +69,13 @@ def decode_base64(value: object) -> bytes:
 MIN_GREY_SD = 2.0
 
 
+def adapted_probability(p, scale: float, offset: float) -> np.ndarray:
+    """sigmoid(scale * logit(p) + offset): the probability a version registered by `cxr adapt` answers, from its
+    network's score `p` (the calibration's temperature and bias and the site's prior shift, `cxr_model.adapt`)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return 1 / (1 + np.exp(-(scale * np.log(p / (1 - p)) + offset)))
+
+
 def check_not_blank(image: np.ndarray) -> None:
     """ValueError for a decoded image whose grey levels hardly vary (`MIN_GREY_SD`): nothing there to score."""
     sd = float(np.std(image))
@@ -116,9 +123,12 @@ class ServedClassifier:
     """The Keras model with the validation-chosen threshold and test-time views, scoring request rows."""
 
     def __init__(self, model_path: str | Path, threshold: float, image_size: int,
-                 views: Sequence[Sequence[float]] = ((1.0, 1.0),)):
+                 views: Sequence[Sequence[float]] = ((1.0, 1.0),), logit_scale: float = 1.0,
+                 logit_offset: float = 0.0):
         self.threshold, self.image_size = float(threshold), int(image_size)
         self.views = tuple((float(s), float(r)) for s, r in views)
+        # a version registered by `cxr adapt` answers sigmoid(scale * logit(score) + offset) (cxr_model.adapt)
+        self.logit_scale, self.logit_offset = float(logit_scale), float(logit_offset)
         self.model = keras.models.load_model(model_path, compile=False)
         self.forward = compile_forward(self.model, views=self.views)
         self.forward(np.zeros((1, self.image_size, self.image_size, 1), np.uint8))  # trace now, not on request 1
@@ -126,7 +136,9 @@ class ServedClassifier:
     @classmethod
     def from_meta(cls, model_path: str | Path, meta: dict) -> ServedClassifier:
         """From the `meta.json` registered with the model (models from before views were recorded: one view)."""
-        return cls(model_path, meta["threshold"], meta["image_size"], meta.get("views", [[1.0, 1.0]]))
+        adaptation = meta.get("adaptation") or {}
+        return cls(model_path, meta["threshold"], meta["image_size"], meta.get("views", [[1.0, 1.0]]),
+                   adaptation.get("logit_scale", 1.0), adaptation.get("logit_offset", 0.0))
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Probability, label and threshold per row of base64 image files in column `image`; BadRequest if any
@@ -140,6 +152,8 @@ class ServedClassifier:
             )
         images = decode_request_rows(frame[INPUT_COLUMN].tolist(), self.image_size)
         prob = self.forward(images).astype("float64")
+        if (self.logit_scale, self.logit_offset) != (1.0, 0.0):
+            prob = adapted_probability(prob, self.logit_scale, self.logit_offset)
         return pd.DataFrame({
             "probability": prob,
             "label": np.where(called_pneumonia(prob, self.threshold), LABELS[1], LABELS[0]),

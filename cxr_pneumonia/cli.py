@@ -1,5 +1,5 @@
 """`cxr` command line: `cxr train` runs the training flow, `cxr search-worker` a distributed search's worker, `cxr
-predict` scores X-ray files.
+adapt` registers a version adapted to a site's unlabeled films, `cxr predict` scores X-ray files.
 
 The `cxr train` flags are derived from TrainConfig's fields (name, type, range, description), so a setting is
 declared once. Heavy imports (TensorFlow, MLflow, Prefect) happen inside the commands so `cxr --help` stays fast.
@@ -133,6 +133,50 @@ def _search_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt", help="register a version of a model adapted to a site's unlabeled films",
+        description="Adapt a registered version to the films of one site (any folder layout, size or mode; labels, "
+                    "folder and file names are never read) and register the result as a new version "
+                    "(docs/adaptation.md). The training data is not needed.")
+    p.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--images", type=Path, required=True, help="folder of the site's unlabeled films")
+    p.add_argument("--name", help="registered model name of the adapted version (default: the parent's)")
+    p.add_argument("--alias", help="alias to give the adapted version (default: none)")
+    for component, what in (("calibration", "the calibration stored at training"),
+                            ("batchnorm", "BatchNorm statistics re-estimated on the films (AdaBN)"),
+                            ("prior", "the site's class prior estimated by EM and the threshold moved by it")):
+        p.add_argument(f"--no-{component}", dest=component, action="store_false", help=f"leave out {what}")
+    p.add_argument("--work-dir", type=Path, help="where the adapted model is written (or CXR_WORK_DIR; default ./work)")
+    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    p.set_defaults(func=_adapt)
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from cxr_model.adapt import AdaptSettings
+    from cxr_pneumonia.checks import check_tracking_server
+    from cxr_pneumonia.predict import PredictError, check_local_store
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    try:  # the registry first: a missing SQLite store would be created empty
+        check_local_store(uri)
+    except PredictError as exc:
+        raise ConfigError(str(exc)) from None
+    check_tracking_server(uri)
+    if not args.images.is_dir():
+        raise ConfigError(f"--images: {args.images} is not a folder")
+    from cxr_pneumonia.flows.adapt_flow import adapt_flow
+
+    settings = AdaptSettings(calibration=args.calibration, batchnorm=args.batchnorm, prior=args.prior)
+    work_dir = args.work_dir or Path(os.environ.get("CXR_WORK_DIR") or "work")
+    result = adapt_flow(args.model, args.images, args.name, args.alias, settings, work_dir, args.threads)
+    if result.get("refused"):
+        print(f"error: {result['refused']}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cxr_pneumonia import predict
 
@@ -140,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_search_worker(sub)
+    _add_adapt(sub)
     predict.add_parser(sub)
     return parser
 

@@ -265,7 +265,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", type=Path, help="image files, or folders searched recursively")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
+    source.add_argument("--model-uri", "--model", dest="model_uri", default=DEFAULT_MODEL_URI,
                         help="MLflow model to load in-process (default: %(default)s; MLFLOW_TRACKING_URI picks "
                              "the registry)")
     source.add_argument("--url", help="server to send the images to instead, e.g. http://127.0.0.1:5000")
