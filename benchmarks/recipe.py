@@ -107,7 +107,7 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # what 96 px buys: two members (seeds 0 and 1) averaged, in about the time of one network at 128 px
     "geometry@96x2": ({}, dict(**GEOMETRY, image_size=96, members=2)),
     # band erasing: the Grad-CAM maps of whole flows put up to 0.46 of the NORMAL evidence in the bottom band (the
-    # upper abdomen), and one such model read test normals badly (docs/experiments.md, "Where the Grad-CAM evidence sits").
+    # upper abdomen), and one such model read test normals badly (docs/experiments.md, the Grad-CAM regions).
     # Blank a random band of up to 20% of the side at the top and at the bottom of every training image, so
     # what lies above and below the lungs stops being a reliable cue; judged by the stresses and by where the
     # Grad-CAM evidence of clean validation images sits (`cam`)
@@ -188,8 +188,8 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
                                             dict(**GEOMETRY, image_size=96, class_weights=False)),
     # Polyak averaging (`--ema 0.99`: the weights judged, kept and saved are an exponential moving
     # average over ~100 steps, about 0.7 of an epoch here). Averaging whole networks raised validation and not
-    # test (the `full` profile's ensembles); averaging one network's weights along its path is the other kind, found to land
-    # in flatter regions (Izmailov et al. 2018) and costs no FLOPs, so it would serve the default and `full` alike
+    # test (the `full` profile's ensembles); averaging one network's weights along its path is the other kind,
+    # found to land in flatter regions (Izmailov et al. 2018); it costs no FLOPs, so it would serve both profiles
     "geometry@96-class-weights+ema": (dict(ema=0.99), dict(**GEOMETRY, image_size=96, class_weights=False)),
     # batch 16 instead of 32: twice the steps per epoch and noisier gradients, which
     # lead small-batch training to flatter minima that generalise better (Keskar et al., ICLR 2017); ~1.3x the

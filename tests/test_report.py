@@ -1,0 +1,42 @@
+"""docs/benchmarks.md's generated tables agree with benchmarks/results/*.json."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import report
+
+
+def test_benchmarks_page_is_up_to_date():
+    stale = report.stale(report.PAGE.read_text())
+    assert not stale, f"docs/benchmarks.md is out of date ({', '.join(stale)}): run python -m benchmarks.report"
+
+
+def test_every_generator_has_its_table_on_the_page():
+    names = [m["name"] for m in report.MARKER.finditer(report.PAGE.read_text())]
+    assert sorted(names) == sorted(report.TABLES)
+
+
+def test_an_edited_number_is_found_stale():
+    page = report.PAGE.read_text()
+    edited = page.replace("| `default` | 15 | 0.908", "| `default` | 15 | 0.918", 1)
+    assert edited != page
+    assert report.stale(edited) == ["current"]
+    assert report.render(edited) == page  # regenerating puts it back, and touches nothing outside the markers
+
+
+def test_unknown_table_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown generated table 'nope'"):
+        report.render("<!-- BEGIN GENERATED: nope -->\n<!-- END GENERATED: nope -->\n")
+
+
+def test_results_files_named_in_the_docs_exist():
+    names = set()
+    for page in (report.PAGE, report.ROOT / "docs" / "experiments.md", report.ROOT / "benchmarks" / "README.md"):
+        names |= set(re.findall(r"\b([\w.-]+\.jsonl?)\b", page.read_text()))
+    missing = sorted(n for n in names if n.startswith(("quality", "speed", "threshold", "tta", "recipe", "pipeline",
+                                                       "width", "snapshots", "gradcam", "reference"))
+                     and not (report.RESULTS / n).exists())
+    assert not missing, f"docs name results files that do not exist: {missing}"
