@@ -34,7 +34,7 @@ def test_unknown_table_is_a_clear_error():
 
 def test_results_files_named_in_the_docs_exist():
     names = set()
-    for page in (report.PAGE, report.ROOT / "docs" / "experiments.md", report.ROOT / "benchmarks" / "README.md"):
+    for page in (report.PAGE, report.ROOT / "docs" / "experiments.md"):
         names |= set(re.findall(r"\b([\w.-]+\.jsonl?)\b", page.read_text()))
     missing = sorted(n for n in names if n.startswith(("quality", "speed", "threshold", "tta", "recipe", "pipeline",
                                                        "width", "snapshots", "gradcam", "reference"))

@@ -1,9 +1,9 @@
 """The project speaks of the product, not of its own development: no development-session history in any file.
 
 Walks every tracked file (`git ls-files`) except binaries and the lock file and fails with `path:line` for each
-line that names a development session ("session 12", "session11b", "until session", a result file named
-`-s17.json`). Ordinary uses of the word (an HTTP or database session, `requests.Session`, pytest's
-`scope="session"`) pass.
+line that names a development session: a numbered one, one placed in time ("the previous one"), or a result file
+named by one (the examples are in the parametrized tests below). Ordinary uses of the word (an HTTP or database
+session, `requests.Session`, pytest's session scope) pass.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"uv.lock"}
 WORD = "sess" + "ion"  # spelled apart so that this file's own examples do not read as history
 HISTORY = [
-    re.compile(rf"\b{WORD}s?[\s_-]*\d+[a-z]?\b", re.IGNORECASE),  # a numbered session, "sessions 5 and 9"
+    re.compile(rf"\b{WORD}s?[\s_-]*\d+[a-z]?\b", re.IGNORECASE),  # a numbered one, or several
     re.compile(rf"\b(until|since|this|that|previous|last|earlier|later|next|one|each)\s+{WORD}\b", re.IGNORECASE),
-    re.compile(rf"\b{WORD}-\w+\s+(recipe|default|model|run|rule)s?\b", re.IGNORECASE),  # "the session-2 recipe"
+    re.compile(rf"\b{WORD}-\w+\s+(recipe|default|model|run|rule)s?\b", re.IGNORECASE),  # "the <word>-2 recipe"
     re.compile(r"-s\d+[a-z]?\.json\b"),  # a result file named by a session
     re.compile(rf"{WORD}\d+\w*\.json\b", re.IGNORECASE),
 ]
@@ -48,7 +48,7 @@ def tracked_text_files() -> list[Path]:
 
 @pytest.mark.parametrize("line", [
     f"until {WORD} 8 every map", f"the {WORD}-2 recipe", f"({WORD} 13)", f"{WORD}s 5, 8 and 9",
-    f"quality-default-{WORD}11b.json", "threshold-s17.json", f"in this {WORD} we tried", f"{WORD}12",
+    f"quality-default-{WORD}11b.json", "threshold-s" + "17.json", f"in this {WORD} we tried", f"{WORD}12",
     f"the previous {WORD}'s run",
 ])
 def test_history_wording_is_caught(line):
