@@ -229,10 +229,25 @@ def recipe() -> str:
                   "minutes"], rows, "llrrrrr")
 
 
+def serving() -> str:
+    if not (RESULTS / "serving.json").exists():
+        return "No `serving.json` yet: run `benchmarks/serving.py` on a quiet machine, then `make docs`.\n"
+    d = load("serving.json")
+    rows = [[case, *(f"{t[p]['p50']:.1f} / {t[p]['p95']:.1f}" if p in t else "–"
+                     for p in ("in-process", "http", "requests")), f"{t['http']['p50'] / t['in-process']['p50']:.2f}x"]
+            for case, t in d["latency_ms"].items()]
+    ips = d["batch_images_per_second"]
+    rows.append([f"{d['batch_size']} images a request (images/s)", f"{ips['in-process']:.0f}", f"{ips['http']:.0f}",
+                 "–", f"{ips['http'] / ips['in-process']:.2f}x"])
+    return (f"{d['model']}, {d['image_size']} px, {d['cpus']} CPU cores, {d['requests']} calls a path:\n\n"
+            + table(["request", "in-process p50 / p95 (ms)", "HTTP p50 / p95 (ms)", "HTTP via `requests` p50 / p95",
+                     "HTTP / in-process"], rows))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "current": current, "current-flows": current_flows, "quality": quality, "speed": speed,
     "reference-runs": reference_runs, "pipeline": pipeline, "width": width, "threshold": threshold, "tta": tta,
-    "snapshots": snapshots, "gradcam": gradcam, "recipe": recipe,
+    "snapshots": snapshots, "gradcam": gradcam, "recipe": recipe, "serving": serving,
 }
 
 

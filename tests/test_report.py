@@ -40,3 +40,23 @@ def test_results_files_named_in_the_docs_exist():
                                                        "width", "snapshots", "gradcam", "reference"))
                      and not (report.RESULTS / n).exists())
     assert not missing, f"docs name results files that do not exist: {missing}"
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["docs/benchmarks.md", "docs/experiments.md", "benchmarks/README.md"])
+def test_links_between_the_pages_resolve(page):
+    source = report.ROOT / page
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", source.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = (source.parent / target).resolve() if target else source
+        if not path.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and anchor not in {github_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}:
+            broken.append(f"{target}#{anchor} (no such heading)")
+    assert not broken, f"{page}: broken links: {broken}"
