@@ -34,7 +34,7 @@ ui: setup  ## browse runs and the registry at http://127.0.0.1:5000 (a tracking 
 	esac
 
 docs: setup  ## rebuild docs/benchmarks.md's tables from benchmarks/results/*.json
-	$(VENV)/bin/python -m benchmarks.report
+	$(VENV)/bin/python -m benchmarks.report --plots
 
 clean:
 	rm -rf work

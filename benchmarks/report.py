@@ -2,6 +2,7 @@
 
     python -m benchmarks.report            # rewrite docs/benchmarks.md in place
     python -m benchmarks.report --check    # exit 1, naming the stale tables, if the file is out of date
+    python -m benchmarks.report --plots    # also redraw docs/images/*.png (matplotlib)
 
 Each table sits between `<!-- BEGIN GENERATED: name -->` and `<!-- END GENERATED: name -->`; everything outside
 the markers is hand-written and left alone. Numbers are only ever read from the results files, so the page
@@ -251,6 +252,50 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+# the default profile's recipes in the order they were adopted: (label, results files of its whole flows)
+DEFAULT_RECIPES = [
+    ("128 px,\n+ resolution", ["quality-default-resolution.json"]),
+    ("128 px,\nstressed_margin", ["quality-default.json", "quality-default-128px-seed9.json",
+                                 "quality-default-128px-seed10.json"]),
+    ("96 px", ["quality-default-96px-seed12.json", "quality-default-96px-seeds15-16.json"]),
+    ("96 px,\nnoise bank", ["quality-default-noise-bank-seeds17-19.json"]),
+    ("no class weights\n(current)", CURRENT_DEFAULT_QUALITY + CURRENT_DEFAULT_SPEED),
+]
+
+
+def plot_default_flows(out: Path) -> None:
+    """Test accuracy of every whole `default` flow on record, by recipe, against the reference's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    for i, (_, files) in enumerate(DEFAULT_RECIPES):
+        accs = []
+        for name in files:
+            d = load(name)
+            accs += ([r["accuracy"] for r in d["runs"]] if "runs" in d else
+                     [r["test"]["accuracy"] for r in d["default_flow"]["seeds"]])
+        xs = [i + 0.25 * ((k * 0.618) % 1 - 0.5) for k in range(len(accs))]  # deterministic jitter
+        ax.scatter(xs, accs, s=22, color="tab:blue", alpha=0.8)
+        ax.plot([i - 0.3, i + 0.3], [statistics.mean(accs)] * 2, color="tab:blue", lw=2)
+    ref = load("reference-runs.json")
+    ax.axhline(0.917, color="tab:red", ls="--", lw=1, label="reference notebook, its one run (0.917)")
+    ref_mean = statistics.mean(r["accuracy"] for r in ref)
+    ax.axhline(ref_mean, color="tab:orange", ls=":", lw=1.5,
+               label=f"reference retrained here, mean of {len(ref)} ({ref_mean:.3f})")
+    ax.set_xticks(range(len(DEFAULT_RECIPES)), [label for label, _ in DEFAULT_RECIPES], fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Whole default flows, one point each (line: mean)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
 def render(page: str) -> str:
     """`page` with every generated table rebuilt from the results files; unknown marker names are an error."""
     def fill(m: re.Match) -> str:
@@ -271,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report whether the page is up to date")
     parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument("--plots", action="store_true", help="also redraw docs/images/default-flows.png")
     args = parser.parse_args(argv)
     page = args.page.read_text()
     if args.check:
@@ -281,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.page} is up to date")
         return 0
     args.page.write_text(render(page))
+    if args.plots:
+        plot_default_flows(ROOT / "docs" / "images" / "default-flows.png")
     print(f"rewrote {len(MARKER.findall(page))} tables in {args.page}")
     return 0
 

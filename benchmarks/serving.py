@@ -4,8 +4,8 @@
     MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db .venv/bin/python benchmarks/serving.py \\
         --model-uri models:/cxr-pneumonia@champion                # a trained, registered one
 
-Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, the
-default profile's input size when the committed numbers were taken; --image-size 96 for today's) in a temporary
+Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, so that
+runs compare with the recorded ones; --image-size 96 for the default profile's input) in a temporary
 MLflow store, the way the flow's register task does; weights do not change the timing.
 Images are real test-split JPEGs (224x224 in this dataset); the full-size case is one of
 them upscaled to a 2000x1600 grayscale JPEG, the size of a scanner export.
