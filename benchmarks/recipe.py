@@ -47,7 +47,7 @@ from cxr_model.inference import compile_forward  # noqa: E402
 from cxr_model.model import ConvNetConfig  # noqa: E402
 from cxr_model.stress import stressed_scores  # noqa: E402
 
-# the default's augmentation ranges since session 3 (recipe `geometry`), the base of every later recipe
+# the default's augmentation ranges (recipe `geometry`), the base of every later recipe
 GEOMETRY = dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)
 BASE = dict(blocks=4, filters=32, convs_per_block=1, dense_units=64, dropout=0.3)
 # every recipe's input side unless it sets `image_size`: the default profile's when the probes began, pinned so
@@ -56,7 +56,7 @@ BASE_SIZE = 128
 # name -> (ConvNetConfig overrides, TrainConfig overrides)
 # (a list of ConvNetConfig overrides: one member network each, seeds seed, seed+1, ..., scored as their mean)
 RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
-    # session-1 default: geometry, contrast and brightness only
+    # the first augmentation: mild geometry, contrast and brightness only
     "base": ({}, dict(zoom=0.1, translation=0.08, aspect=0.0, gamma=0.0, noise=0.0, resolution=0.0)),
     # what stressed validation of `base` pointed at: a brighter exposure curve (gamma 0.6), a wider field of
     # view and sensor noise cost specificity, so augment with random gamma, a wider zoom range and noise
@@ -69,12 +69,12 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     "robust+aspect": ({}, dict(zoom=0.2, translation=0.08, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.0)),
     # what stressed validation of `robust` and `robust+aspect` pointed at: the score follows how large and how
     # wide the chest sits in the frame (narrower -> PNEUMONIA under `robust`, a wider view -> PNEUMONIA
-    # under `robust+aspect`), so widen every geometric range together (the default since session 3)
+    # under `robust+aspect`), so widen every geometric range together (the default's ranges)
     "geometry": ({}, GEOMETRY),
     # what stressed validation of `geometry` pointed at: a scan of half the resolution costs specificity (0.83),
     # so blend in a random loss of resolution. Its `blur` stress is the augmentation's own extreme, so judge
     # it by the other stresses and clean validation too, not by `blur` alone (so judged: a wash, and not the
-    # default; benchmarks/README.md, Recipe, session 4)
+    # default; docs/experiments.md, "A random loss of resolution")
     "geometry+resolution": ({}, dict(zoom=0.35, translation=0.1, aspect=0.3, gamma=0.4, noise=0.04, resolution=0.5)),
     # global average pooling counts a feature the same wherever it sits, at the edge of the frame or over the
     # abdomen as much as in the lungs; a flatten head (the reference's) lets the dense layer weigh it by place
@@ -107,7 +107,7 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # what 96 px buys: two members (seeds 0 and 1) averaged, in about the time of one network at 128 px
     "geometry@96x2": ({}, dict(**GEOMETRY, image_size=96, members=2)),
     # band erasing: the Grad-CAM maps of whole flows put up to 0.46 of the NORMAL evidence in the bottom band (the
-    # upper abdomen), and one such model read test normals badly (benchmarks/README.md, Where the evidence sits).
+    # upper abdomen), and one such model read test normals badly (docs/experiments.md, the Grad-CAM regions).
     # Blank a random band of up to 20% of the side at the top and at the bottom of every training image, so
     # what lies above and below the lungs stops being a reliable cue; judged by the stresses and by where the
     # Grad-CAM evidence of clean validation images sits (`cam`)
@@ -137,69 +137,69 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
     # `geometry` loses most specificity after the wider view, i.e. the model reads fine detail as NORMAL; a strided
     # stem and max-pools alias such detail into coarse patterns. Filtering before each subsampling keeps only what
     # the coarser grid can hold. The stem convolves at full resolution (its FLOPs x4, ~1.1x in all)
-    "geometry+antialias": (dict(antialias="all"), GEOMETRY),  # session 10's JSON records it as `true`
+    "geometry+antialias": (dict(antialias="all"), GEOMETRY),  # its oldest JSON entry records it as `true`
     # the stem alone: its stride-2 conv on raw pixels is the first place detail aliases, and the cheap one to fix
-    # (session 10: `all` took 1.66x the time for 1.04x the counted FLOPs)
+    # (`all` took 1.66x the time for 1.04x the counted FLOPs)
     "geometry+antialias-stem": (dict(antialias="stem"), GEOMETRY),
     "geometry+residual2": (dict(block="residual", convs_per_block=2), GEOMETRY),
-    # the max-pools alone (session 10: `all` raised every shape stress and the worst, `stem` alone bought none of
+    # the max-pools alone (`all` raised every shape stress and the worst, `stem` alone bought none of
     # it for 1.40x the time, so the gains sit in the filtered max-pools); the stem stays a strided conv
     "geometry+antialias-pools": (dict(antialias="pools"), GEOMETRY),
-    # both levers that passed the four-seed rule of session 11, together
+    # the two levers that passed the four-seed rule (96 px, anti-aliasing), together
     "geometry@96+antialias": (dict(antialias="all"), dict(**GEOMETRY, image_size=96)),
-    # session 12: levers that one seed rejected at 128 px (sessions 5, 8, 9), judged again on four seeds at the
+    # levers that one seed rejected at 128 px, judged again on four seeds at the
     # default's 96 px. Band erasing: the Grad-CAM reason above still stands (NORMAL evidence in the abdomen)
     "geometry@96+erase": ({}, dict(**GEOMETRY, image_size=96, erase=0.2)),
     # label smoothing: softer targets, the calibration lever
     "geometry@96+smooth": (dict(label_smoothing=0.1), dict(**GEOMETRY, image_size=96)),
     # balanced sampling: more views of the class that the shift costs (NORMAL), each augmented anew
     "geometry@96+balanced": ({}, dict(**GEOMETRY, image_size=96, balanced_sampling=True)),
-    # three more one-seed rejections at 128 px (sessions 5 and 9), on four seeds at 96 px
+    # three more one-seed rejections at 128 px, on four seeds at 96 px
     "geometry@96+flatten": (dict(head="flatten"), dict(**GEOMETRY, image_size=96)),
     "geometry@96-class-weights": ({}, dict(**GEOMETRY, image_size=96, class_weights=False)),
     "geometry@96+mixup": ({}, dict(**GEOMETRY, image_size=96, mixup=0.2)),
-    # further down the road that 128 -> 96 px took (session 11: the stressed mean rose in 4 of 4 seeds, and test
+    # further down the road that 128 -> 96 px took (the stressed mean rose in 4 of 4 seeds, and test
     # specificity followed, 0.735 -> 0.781): coarser input again, 80 and 64 px (0.69x and 0.44x the 96 px FLOPs)
     "geometry@80": ({}, dict(**GEOMETRY, image_size=80)),
     "geometry@64": ({}, dict(**GEOMETRY, image_size=64)),
-    # session 13. Weight decay (AdamW, decoupled, on the kernels; 0.05 as ConvNeXt and DeiT train with): the
-    # optimizer has been plain Adam since session 1, so nothing but early stopping and dropout keeps the weights
+    # weight decay (AdamW, decoupled, on the kernels; 0.05 as ConvNeXt and DeiT train with): the
+    # optimizer is plain Adam, so nothing but early stopping and dropout keeps the weights
     # small; a smaller-weight model leans on fewer, stronger cues, the regularisation lever the issue does not list
     "geometry@96+wd": (dict(weight_decay=0.05), dict(**GEOMETRY, image_size=96)),
-    # histogram equalization at the default's 96 px (session 8 rejected it on one seed at 128 px): no monotone
+    # histogram equalization at the default's 96 px (one seed rejected it at 128 px): no monotone
     # exposure curve can move the score, so the gamma stresses cannot cost anything; the others judge it
     "geometry@96+equalize": (dict(intensity="equalize"), dict(**GEOMETRY, image_size=96)),
-    # session 14, for the `full` profile, now that class weights are off (session 13): the two ways of spending
-    # more compute that lost under class weights, asked again without them. 24 epochs with patience 6 (session
-    # 9's `geometry+long` at 128 px): the unweighted default trained all 12 epochs in every flow and kept epoch
-    # 8-12, so it may stop short; and 128 px (session 11 chose 96 with class weights on)
+    # for the `full` profile, with class weights off: the two ways of spending
+    # more compute that lost under class weights, asked again without them. 24 epochs with patience 6
+    # (`geometry+long` at 128 px): the unweighted default trained all 12 epochs in every flow and kept epoch
+    # 8-12, so it may stop short; and 128 px (96 px was chosen with class weights on)
     "geometry@96-class-weights+long": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, epochs=24,
                                                patience=6)),
     "geometry@128-class-weights": ({}, dict(**GEOMETRY, image_size=128, class_weights=False)),
-    # session 14, second rule: the two regularisers that tied under class weights (sessions 12 and 13), asked again
+    # the two regularisers that tied under class weights, asked again
     # without them; neither costs compute, so an adopted one would move the default and the full profile alike
     "geometry@96-class-weights+wd": (dict(weight_decay=0.05), dict(**GEOMETRY, image_size=96, class_weights=False)),
     "geometry@96-class-weights+smooth": (dict(label_smoothing=0.1),
                                          dict(**GEOMETRY, image_size=96, class_weights=False)),
-    # session 14, third rule: depthwise-separable blocks (the quality issue's "residual or separable blocks"; never
-    # run before): a 3x3 filter per channel then a 1x1 mix, ~1/8 of a block's FLOPs at these widths; fewer weights
+    # depthwise-separable blocks (the quality issue's "residual or separable blocks"):
+    # a 3x3 filter per channel then a 1x1 mix, ~1/8 of a block's FLOPs at these widths; fewer weights
     # per block may lean on fewer texture cues
     "geometry@96-class-weights+separable": (dict(block="separable"),
                                             dict(**GEOMETRY, image_size=96, class_weights=False)),
-    # session 15: Polyak averaging (`--ema 0.99`: the weights judged, kept and saved are an exponential moving
+    # Polyak averaging (`--ema 0.99`: the weights judged, kept and saved are an exponential moving
     # average over ~100 steps, about 0.7 of an epoch here). Averaging whole networks raised validation and not
-    # test (sessions 7, 11, 13); averaging one network's weights along its path is the other kind, found to land
-    # in flatter regions (Izmailov et al. 2018) and costs no FLOPs, so it would serve the default and `full` alike
+    # test (the `full` profile's ensembles); averaging one network's weights along its path is the other kind,
+    # found to land in flatter regions (Izmailov et al. 2018); it costs no FLOPs, so it would serve both profiles
     "geometry@96-class-weights+ema": (dict(ema=0.99), dict(**GEOMETRY, image_size=96, class_weights=False)),
-    # session 15, second rule. Batch 16 instead of 32: twice the steps per epoch and noisier gradients, which
+    # batch 16 instead of 32: twice the steps per epoch and noisier gradients, which
     # lead small-batch training to flatter minima that generalise better (Keskar et al., ICLR 2017); ~1.3x the
     # time per image on 2 cores. And average and max pooling side by side (`--head gapmax`): the average says
     # how much of a feature the film shows, the max how strongly it shows at its strongest place, where one
     # consolidation in one lobe is the evidence; the classifier head is one of the issue's levers
     "geometry@96-class-weights+b16": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, batch_size=16)),
     "geometry@96-class-weights+gapmax": (dict(head="gapmax"), dict(**GEOMETRY, image_size=96, class_weights=False)),
-    # session 15, third rule: augmentation strength (one of the issue's levers), the one kind of change whose
-    # validation gain has carried to test here (session 3's wider geometry: test accuracy 0.842 -> 0.893). All
+    # augmentation strength (one of the issue's levers), the one kind of change whose
+    # validation gain has carried to test here (the wider geometry: test accuracy 0.842 -> 0.893). All
     # ranges 1.5x (zoom capped at its 0.5 limit): rotation, zoom, shift, stretch, gamma, contrast, brightness,
     # noise; and the geometric ranges alone 1.5x (rotation, zoom, shift, stretch)
     "geometry@96-class-weights+aug1.5": ({}, dict(rotation=0.06, zoom=0.5, translation=0.15, aspect=0.45, gamma=0.6,
@@ -207,27 +207,27 @@ RECIPES: dict[str, tuple[dict | list[dict], dict]] = {
                                                  image_size=96, class_weights=False)),
     "geometry@96-class-weights+geo1.5": ({}, dict(**{**GEOMETRY, "zoom": 0.5, "translation": 0.15, "aspect": 0.45},
                                                  rotation=0.06, image_size=96, class_weights=False)),
-    # session 15, fourth rule: every range 0.75x, the other side of the current strength after 1.5x lost
+    # every range 0.75x, the other side of the current strength after 1.5x lost
     "geometry@96-class-weights+aug0.75": ({}, dict(rotation=0.03, zoom=0.2625, translation=0.075, aspect=0.225,
                                                   gamma=0.3, contrast=0.225, brightness=0.15, noise=0.03,
                                                   resolution=0.0, image_size=96, class_weights=False)),
-    # session 16: the optimizer and the schedule (the speed issue's levers, never asked for quality). SGD with
+    # the optimizer and the schedule (the speed issue's levers, never asked for quality). SGD with
     # Nesterov momentum 0.9 at 10x Adam's rate (0.01; 0.1 per 256 images, Goyal et al. 2017, is 0.0125 here):
     # adaptive methods find solutions that generalise worse than SGD's on image classifiers (Wilson et al. 2017),
-    # and Adam has trained every network here since session 1. A cosine from the rate down to 0 over the 12
+    # and Adam has trained every network here. A cosine from the rate down to 0 over the 12
     # epochs (Adam), in place of the cut by 0.3 when validation AUC stalls: the last epochs take small steps
     # whatever validation says, where the plateau rule moves the rate by what the validation split rewards
     "geometry@96-class-weights+sgd": (dict(optimizer="sgd", learning_rate=0.01),
                                       dict(**GEOMETRY, image_size=96, class_weights=False)),
     "geometry@96-class-weights+cosine": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, schedule="cosine")),
-    # session 16, second rule: the quality issue's "longer schedules with cosine decay" as one lever, 24 epochs
-    # (patience 6, as session 14's `+long`) along a cosine to 0; the cosine over 12 held clean validation best
+    # the quality issue's "longer schedules with cosine decay" as one lever, 24 epochs
+    # (patience 6, as `+long`) along a cosine to 0; the cosine over 12 held clean validation best
     "geometry@96-class-weights+long-cosine": ({}, dict(**GEOMETRY, image_size=96, class_weights=False, epochs=24,
                                                       patience=6, schedule="cosine")),
     # ensembling different networks (the quality issue's "ensembling the top trials"; `cxr train --top-trials`):
     # the default network (seed 0) and a deeper, narrower one without a hidden dense layer (seed 1), the kind
-    # the search picks next to it (session 7: 5 blocks from 24 filters, dense 0). Members of one network err
-    # alike (session 7's `full` profile); networks that see at other scales may err less alike
+    # the search picks next to it (5 blocks from 24 filters, dense 0). Members of one network err
+    # alike (the three-member `full` profile); networks that see at other scales may err less alike
     "geometry+arch2": ([{}, dict(blocks=5, filters=24, dense_units=0)], GEOMETRY),
     # its control: the default network twice (seeds 0 and 1), which is what `--members 2` trains
     "geometry+seed2": ({}, dict(**GEOMETRY, members=2)),
@@ -251,7 +251,7 @@ def train_and_validation(data_dir: str | None, image_size: int | None = None) ->
 def run(name: str, seed: int, splits) -> dict:
     model_over, train_over = RECIPES[name]
     # no time budget: every recipe's 12 epochs
-    # class weights were on in every run's default until session 13: pinned, as the input side is, so that a
+    # class weights were on in the default when most recipes ran: pinned, as the input side is, so that a
     # recipe means what it meant when it ran (`-class-weights` recipes turn them off)
     cfg = load_config("default", seed=seed, train_minutes=0,
                       **{"image_size": BASE_SIZE, "class_weights": True, **train_over})

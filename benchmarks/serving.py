@@ -4,15 +4,16 @@
     MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db .venv/bin/python benchmarks/serving.py \\
         --model-uri models:/cxr-pneumonia@champion                # a trained, registered one
 
-Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, the
-default profile's input size when the committed numbers were taken; --image-size 96 for today's) in a temporary
+Without --model-uri the script logs and registers an untrained convnet (default ConvNetConfig at 128 px, so that
+runs compare with the recorded ones; --image-size 96 for the default profile's input) in a temporary
 MLflow store, the way the flow's register task does; weights do not change the timing.
 Images are real test-split JPEGs (224x224 in this dataset); the full-size case is one of
 them upscaled to a 2000x1600 grayscale JPEG, the size of a scanner export.
 
 Each case calls the in-process pyfunc and the server alternately, so both see the same machine load. Times are
 wall time at the caller, from base64 strings in hand to parsed predictions. HTTP goes through a keep-alive
-`http.client` connection and, for single images, also through a `requests.Session`. Prints Markdown tables.
+`http.client` connection and, for single images, also through a `requests.Session`. Prints Markdown tables and
+writes benchmarks/results/serving.json (`--out`).
 """
 
 from __future__ import annotations
@@ -133,25 +134,36 @@ def percentiles(seconds: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(seconds, 50) * 1000), float(np.percentile(seconds, 95) * 1000)
 
 
-def latency_table(cases: dict[str, dict[str, np.ndarray]]) -> str:
+def latency_ms(cases: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{case: {path: {"p50": ms, "p95": ms}}}."""
+    return {label: {path: dict(zip(("p50", "p95"), percentiles(s), strict=True)) for path, s in t.items()}
+            for label, t in cases.items()}
+
+
+def latency_table(latency: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["| request | in-process p50 / p95 (ms) | HTTP p50 / p95 (ms) | HTTP (requests) p50 / p95 (ms) "
              "| HTTP / in-process, p50 |", "|---|---:|---:|---:|---:|"]
-    for label, t in cases.items():
-        (lp50, lp95), (hp50, hp95) = percentiles(t["in-process"]), percentiles(t["http"])
-        rq = "{:.1f} / {:.1f}".format(*percentiles(t["requests"])) if "requests" in t else "-"
-        lines.append(f"| {label} | {lp50:.1f} / {lp95:.1f} | {hp50:.1f} / {hp95:.1f} | {rq} | {hp50 / lp50:.2f}x |")
+    for label, t in latency.items():
+        local, http = t["in-process"], t["http"]
+        rq = "{p50:.1f} / {p95:.1f}".format(**t["requests"]) if "requests" in t else "-"
+        lines.append(f"| {label} | {local['p50']:.1f} / {local['p95']:.1f} | {http['p50']:.1f} / {http['p95']:.1f} "
+                     f"| {rq} | {http['p50'] / local['p50']:.2f}x |")
     return "\n".join(lines)
 
 
-def throughput_table(batch_size: int, t: dict[str, np.ndarray]) -> str:
-    local, http = batch_size / np.median(t["in-process"]), batch_size / np.median(t["http"])
+def images_per_second(batch_size: int, t: dict[str, np.ndarray]) -> dict[str, float]:
+    return {path: float(batch_size / np.median(s)) for path, s in t.items()}
+
+
+def throughput_table(batch_size: int, ips: dict[str, float]) -> str:
+    local, http = ips["in-process"], ips["http"]
     return "\n".join([
         "| batch | in-process images/s | HTTP images/s | HTTP / in-process |", "|---|---:|---:|---:|",
         f"| {batch_size} x 224x224 JPEG per request | {local:.0f} | {http:.0f} | {http / local:.2f}x |",
     ])
 
 
-def breakdown_table(python_model, images: list[str], full_size: str, batch_size: int) -> str:
+def breakdown_ms(python_model, images: list[str], full_size: str, batch_size: int) -> dict[str, float]:
     """Where the in-process time goes: decoding and the compiled forward pass, p50 ms."""
     from cxr_model.serving import decode_request_rows
 
@@ -163,9 +175,12 @@ def breakdown_table(python_model, images: list[str], full_size: str, batch_size:
         "forward pass, 1 image": lambda: python_model.forward(batch[:1]),
         f"forward pass, {batch_size} images": lambda: python_model.forward(batch),
     }
-    times = interleaved(parts, repeats=50)
+    return {name: float(np.median(t) * 1000) for name, t in interleaved(parts, repeats=50).items()}
+
+
+def breakdown_table(steps: dict[str, float]) -> str:
     lines = ["| step (in-process) | p50 (ms) |", "|---|---:|"]
-    lines += [f"| {name} | {np.median(t) * 1000:.1f} |" for name, t in times.items()]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in steps.items()]
     return "\n".join(lines)
 
 
@@ -177,6 +192,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="timed single-image calls per case and path")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=15)
+    parser.add_argument("--out", default="serving.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -217,12 +233,20 @@ def main() -> None:
         finally:
             stop_model_server(proc)
 
-    size = model.unwrap_python_model().classifier.image_size
+    classifier = model.unwrap_python_model().classifier
+    size = classifier.image_size
+    result = dict(model=args.model_uri or "untrained default ConvNetConfig", image_size=size, cpus=os.cpu_count(),
+                  requests=args.requests, batch_size=args.batch_size, latency_ms=latency_ms(cases),
+                  batch_images_per_second=images_per_second(args.batch_size, batches),
+                  steps_ms=breakdown_ms(classifier, images, full_size, args.batch_size))
     print(f"model: {model_uri}{'' if args.model_uri else ' (untrained, default ConvNetConfig)'}, input {size}x{size}; "
           f"{os.cpu_count()} CPU cores; {args.requests} single-image calls per path\n")
-    print(latency_table(cases), end="\n\n")
-    print(throughput_table(args.batch_size, batches), end="\n\n")
-    print(breakdown_table(model.unwrap_python_model().classifier, images, full_size, args.batch_size))
+    print(latency_table(result["latency_ms"]), end="\n\n")
+    print(throughput_table(args.batch_size, result["batch_images_per_second"]), end="\n\n")
+    print(breakdown_table(result["steps_ms"]))
+    out = REPO / "benchmarks" / "results" / args.out
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ def input_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, augment, pairs
     The two epochs are timed back to back `pairs` times and the ratio of each pair is kept: this machine's speed
     jumps between two levels (by 2x at times, as if one of its two cores were taken away for seconds), so a
     ratio of two epochs timed minutes apart measures the machine, not the pipeline. Reports the median paired
-    ratio of process CPU time (which a core taken away does not change) as `ratio`, and of wall time; in session
-    12 the wall pairs of one run spread from 0.57 to 1.91 while the CPU pairs held 0.96-1.10.
+    ratio of process CPU time (which a core taken away does not change) as `ratio`, and of wall time; in one
+    full run the wall pairs spread from 0.57 to 1.91 while the CPU pairs held 0.96-1.10.
     """
     real = make_dataset(x, y, BATCH_SIZE, augment, shuffle=True)
     xb = tf.constant(x[:BATCH_SIZE].astype("float32"))

@@ -51,7 +51,7 @@ def registered_validation(version: str, name: str, data_dir: str | None):
     """(Keras model, run params, validation images, labels) of a registered version, on its run's own split."""
     client = MlflowClient()
     params = client.get_run(client.get_model_version(name, version).run_id).data.params
-    # the run's own split and input size, whatever today's profile says
+    # the run's own split and input size, whatever the profile says now
     cfg = load_config(params["cfg/profile"], data_dir=data_dir, seed=int(params["cfg/seed"]),
                       val_fraction=float(params["cfg/val_fraction"]), image_size=int(params["cfg/image_size"]))
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
