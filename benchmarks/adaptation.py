@@ -285,16 +285,19 @@ def cross_fitted(model: Model, settings: AdaptSettings | None, films: int | None
 
 def test_stage(models: list[Model]) -> dict:
     default = DEFAULT_SETTINGS
-    configs = {"unadapted": None, **{f"{c} alone": replace(default, **{k: k == c for k in COMPONENTS})
-                                     for c in COMPONENTS}, "default": default}
+    every = replace(default, **{c: True for c in COMPONENTS}, bootstrap=200)
+    configs = {"unadapted": None, **{f"{c} alone": replace(every, **{k: k == c for k in COMPONENTS})
+                                     for c in COMPONENTS}, "all three": every,
+               "default": default if any(getattr(default, c) for c in COMPONENTS) else None}
+    curved = configs["default"] or every  # the film-count curve of what `cxr adapt` does with components on
     per_model = []
     for model in models:
         row = dict(run_id=model.run_id, seed=model.seed, **{k: cross_fitted(model, s) for k, s in configs.items()})
-        row["curve"] = {str(n): cross_fitted(model, default, n) for n in CURVE_COUNTS}
+        row["curve"] = {str(n): cross_fitted(model, curved, n) for n in CURVE_COUNTS}
         per_model.append(row)
         print(f"seed {model.seed}: " + "  ".join(f"{k} acc {row[k]['accuracy']:.4f} spec {row[k]['specificity']:.3f}"
                                                  for k in configs), flush=True)
-    timing = time_a_site(models[0])
+    timing = time_a_site(models[0], curved)
 
     def mean_sd(key, metric, curve=None):
         vals = [(r["curve"][curve] if curve else r[key])[metric] for r in per_model]
@@ -302,14 +305,15 @@ def test_stage(models: list[Model]) -> dict:
 
     summary = {k: {m: mean_sd(k, m) for m in METRICS} for k in configs}
     curve = {str(n): {m: mean_sd("default", m, str(n)) for m in METRICS} for n in CURVE_COUNTS}
-    curve["all"] = summary["default"]
+    curve["all"] = summary["default" if configs["default"] else "all three"]
     mean = {m: summary["default"][m]["mean"] for m in METRICS} | {
         "unadapted": {m: summary["unadapted"][m]["mean"] for m in METRICS}}
-    return dict(settings=asdict(default), settings_name=settings_name(default), min_films=MIN_FILMS,
+    return dict(settings=asdict(default), settings_name=settings_name(default), curve_settings=settings_name(curved),
+                min_films=MIN_FILMS,
                 models=per_model, summary=summary, curve=curve, mean=mean, timing=timing)
 
 
-def time_a_site(model: Model) -> dict:
+def time_a_site(model: Model, settings: AdaptSettings) -> dict:
     """`cxr adapt`'s work on one half of test (about 312 films) from files: reading the folder and adapting."""
     half = model.test[model.test["patient_id"].map(patient_half) == 0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,10 +322,11 @@ def time_a_site(model: Model) -> dict:
         started = time.perf_counter()
         site = read_site_folder(tmp, int(model.meta["image_size"]))
         read = time.perf_counter() - started
-        adaptation = model.adapt(site.images, DEFAULT_SETTINGS)
+        adaptation = model.adapt(site.images, settings)
         total = time.perf_counter() - started
     restore_batchnorm(model.network, model.source_state)
-    return dict(films=len(site.images), read_seconds=read, total_seconds=total, refused=adaptation is None)
+    return dict(films=len(site.images), read_seconds=read, total_seconds=total, refused=adaptation is None,
+                settings=settings_name(settings))
 
 
 def main() -> None:

@@ -267,15 +267,28 @@ def read_site_folder(folder: str | Path, image_size: int, min_films: int = MIN_F
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    calibration: bool = True  # apply the stored calibration to the scores
-    batchnorm: bool = True  # re-estimate BatchNorm statistics on the site's films (AdaBN)
-    prior: bool = True  # estimate the site's prior by EM and move the threshold
+    """Which components an adaptation applies. The defaults are what the rule of docs/adaptation.md chose on
+    stand-in sites made from validation: no component beat the unadapted model there without costing more than
+    half a point of accuracy on some site, so each is off until asked for."""
+
+    calibration: bool = False  # apply the stored calibration to the scores
+    batchnorm: bool = False  # re-estimate BatchNorm statistics on the site's films (AdaBN)
+    prior: bool = False  # estimate the site's prior by EM and move the threshold
     blend_prior: float = BLEND_PRIOR  # N of the blend N / (N + n)
     label_shift_guard: bool = True  # weight the films to training's class mix in the BatchNorm statistics
     bootstrap: int = BOOTSTRAP
 
 
 DEFAULT_SETTINGS = AdaptSettings()
+COMPONENTS = ("calibration", "batchnorm", "prior")
+
+
+def check_settings(settings: AdaptSettings) -> None:
+    """AdaptError when no component is on: the version would only copy its parent."""
+    if not any(getattr(settings, c) for c in COMPONENTS):
+        raise AdaptError("no adaptation component is on, so the version would copy its parent: pass --calibration, "
+                         "--batchnorm and/or --prior (docs/adaptation.md has what each did on stand-in sites and "
+                         "on test)")
 
 
 @dataclass
@@ -318,6 +331,7 @@ def adapt(model, predict_factory: Callable, images: np.ndarray, threshold: float
     `threshold` is the parent's, on raw scores; `source_prior` the training PNEUMONIA share. AdaptError for a
     missing calibration (when on) or a prior at the edge, before the model is changed where it can be.
     """
+    check_settings(settings)
     if settings.calibration and calibration is None:
         raise AdaptError("this model version stores no calibration (registered before calibration was fitted at "
                          "training): train and register it again with `cxr train`, or pass --no-calibration")

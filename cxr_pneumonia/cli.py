@@ -143,10 +143,13 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder of the site's unlabeled films")
     p.add_argument("--name", help="registered model name of the adapted version (default: the parent's)")
     p.add_argument("--alias", help="alias to give the adapted version (default: none)")
+    from cxr_model.adapt import DEFAULT_SETTINGS
+
     for component, what in (("calibration", "the calibration stored at training"),
                             ("batchnorm", "BatchNorm statistics re-estimated on the films (AdaBN)"),
                             ("prior", "the site's class prior estimated by EM and the threshold moved by it")):
-        p.add_argument(f"--no-{component}", dest=component, action="store_false", help=f"leave out {what}")
+        p.add_argument(f"--{component}", action=argparse.BooleanOptionalAction,
+                       default=getattr(DEFAULT_SETTINGS, component), help=f"apply {what} (default: %(default)s)")
     p.add_argument("--work-dir", type=Path, help="where the adapted model is written (or CXR_WORK_DIR; default ./work)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
     p.set_defaults(func=_adapt)

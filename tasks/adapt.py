@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import cxr_model.layers  # noqa: F401  (registers the model's own layers for loading)
 from cxr_model import plots
-from cxr_model.adapt import AdaptError, AdaptSettings, Calibration, adapt, read_site_folder
+from cxr_model.adapt import AdaptError, AdaptSettings, Calibration, adapt, check_settings, read_site_folder
 from cxr_model.inference import compile_forward
 from cxr_model.serving import INPUT_COLUMN, encode_file
 from cxr_pneumonia.tasks.packaging import log_served_model
@@ -85,6 +85,7 @@ def adapt_to_site(parent: Parent, images_dir: Path, settings: AdaptSettings, wor
     """Read the site's films, adapt the parent's network to them and save the result; a refusal is returned."""
     meta = json.loads(_artifact(parent, "meta.json").read_text())
     try:
+        check_settings(settings)
         if "adaptation" in meta:
             raise AdaptError(f"models:/{parent.name}/{parent.version} is itself an adapted version: adapt its "
                              f"parent, {meta.get('adaptation_parent', 'the version it was adapted from')}, instead")

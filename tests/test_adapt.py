@@ -147,7 +147,7 @@ def test_adapt_moves_the_logit_by_the_prior_ratio():
 
     cal = Calibration(temperature=2.0, bias=-0.3)
     result = adapt(_tiny_model(), lambda _: lambda x: raw, _films(400), threshold=0.4, source_prior=0.74,
-                   calibration=cal, settings=AdaptSettings(batchnorm=False, bootstrap=20))
+                   calibration=cal, settings=AdaptSettings(calibration=True, prior=True, bootstrap=20))
     assert 0.1 < result.prior.prior < 0.9
     shift = logit_shift(0.74, result.prior.prior)
     expected = 1 / (1 + np.exp(-(np.log(raw / (1 - raw)) / 2.0 - 0.3 + shift)))
@@ -161,12 +161,15 @@ def test_adapt_refuses_a_version_without_calibration_and_a_one_class_folder_befo
     from cxr_model.inference import compile_forward
 
     model, films = _tiny_model(), _films(40)
+    every = AdaptSettings(calibration=True, batchnorm=True, prior=True)
+    with pytest.raises(AdaptError, match="no adaptation component"):
+        adapt(model, compile_forward, films, 0.5, 0.74, Calibration())
     with pytest.raises(AdaptError, match="no calibration"):
-        adapt(model, compile_forward, films, 0.5, 0.74, None)
+        adapt(model, compile_forward, films, 0.5, 0.74, None, every)
     before = batchnorm_state(model)
     # a calibration that calls every film PNEUMONIA: the estimated share is at the edge
     with pytest.raises(AdaptError, match="one class"):
-        adapt(model, compile_forward, films, 0.5, 0.74, Calibration(temperature=1.0, bias=20.0))
+        adapt(model, compile_forward, films, 0.5, 0.74, Calibration(temperature=1.0, bias=20.0), every)
     for (m0, _), (m1, _) in zip(before, batchnorm_state(model), strict=True):
         np.testing.assert_array_equal(m0, m1)
 
@@ -226,14 +229,14 @@ def test_cxr_adapt_registers_a_version_that_serves_as_cxr_predict_answers(
     for path in films[:5]:
         shutil.copy(path, few / path.name)
     refused = _cxr(smoke_flow, "adapt", "--model", "models:/cxr-pneumonia@champion", "--images", str(few),
-                   "--name", "cxr-pneumonia-site")
+                   "--name", "cxr-pneumonia-site", "--prior")
     assert refused.returncode == 2, refused.stderr[-2000:]
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "at least" in errors[0]
     assert not client.search_model_versions("name = 'cxr-pneumonia-site'")
 
     done = _cxr(smoke_flow, "adapt", "--model", "models:/cxr-pneumonia@champion", "--images", str(site),
-                "--name", "cxr-pneumonia-site", "--alias", "site")
+                "--name", "cxr-pneumonia-site", "--alias", "site", "--calibration", "--batchnorm", "--prior")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
     version = client.get_model_version_by_alias("cxr-pneumonia-site", "site")
