@@ -32,3 +32,17 @@ def test_the_line_links_the_experiments_runs(tmp_path: Path, monkeypatch, capsys
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert main([]) == 0
     assert f"/#/experiments/{experiment_id}/runs" in capsys.readouterr().out
+
+
+def test_cxr_train_ends_with_the_runs_address(tmp_path: Path, monkeypatch, capsys) -> None:
+    from cxr_pneumonia.cli import _print_runs_view
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = mlflow.MlflowClient(uri).create_experiment("mine", artifact_location=(tmp_path / "a").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _print_runs_view("mine")
+    assert capsys.readouterr().out.startswith(f"training runs: {runs_view_url('http://127.0.0.1:5000', experiment_id)}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a server that does not answer
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    _print_runs_view("mine")
+    assert "could not look up" in capsys.readouterr().out
