@@ -50,7 +50,8 @@ def record_config(cfg: TrainConfig, run_id: str) -> None:
 def use_experiment(name: str) -> str:
     """Make `name` the active MLflow experiment, created if new and typed as machine learning; its id.
 
-    MLflow 3's UI reads the kind from this tag where the version honours it; a kind a person set is kept.
+    MLflow 3 reads the kind from this tag (its UI before the GenAI / Model training switch, its assistant);
+    MLflow 3.17's UI takes the view from its address instead (`cxr_pneumonia.ui_link`). A kind a person set is kept.
     """
     experiment = mlflow.set_experiment(name)
     if EXPERIMENT_KIND_TAG not in experiment.tags:

@@ -152,8 +152,9 @@ def test_the_model_card_states_input_threshold_numbers_and_limits() -> None:
 
 def test_the_model_cards_first_line_is_the_headline_the_version_list_can_show() -> None:
     headline = model_card(load_config("default"), EVALUATION, "abcdef0123456789", "run42").split("\n")[0]
-    assert headline == "test acc 0.910, AUC 0.970 @ 0.61"
+    assert headline == "acc 0.910, AUC 0.970 @ 0.61"  # test accuracy, test ROC AUC, threshold
     assert len(headline) <= CARD_HEADLINE_CHARS
     worst = EVALUATION.model_copy(update=dict(threshold=1.0, test={**EVALUATION.test, "accuracy": 1.0, "roc_auc": 1.0}))
-    assert len(model_card(load_config("default"), worst, "abcdef0123456789", "run42").split("\n")[0]) <= 32
+    widest = model_card(load_config("default"), worst, "abcdef0123456789", "run42").split("\n")[0]
+    assert len(widest) <= CARD_HEADLINE_CHARS
 
