@@ -6,7 +6,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup train test stack-test lint ui docs clean
+.PHONY: setup train test stack-test lint ui docs docs-config clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -29,12 +29,17 @@ lint: setup
 ui: setup  ## browse runs and the registry at http://127.0.0.1:5000 (a tracking server: open its own URL)
 	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"; \
 	case "$$uri" in \
-	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$uri in a browser (it serves the UI)";; \
-	  *) exec $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000;; \
+	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$uri in a browser (it serves the UI)"; \
+	     $(VENV)/bin/python -m cxr_pneumonia.ui_link;; \
+	  *) MLFLOW_TRACKING_URI="$$uri" $(VENV)/bin/python -m cxr_pneumonia.ui_link; \
+	     exec $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000;; \
 	esac
 
-docs: setup  ## rebuild docs/benchmarks.md's tables from benchmarks/results/*.json
+docs: docs-config  ## rebuild docs/benchmarks.md's tables from benchmarks/results/*.json, and the configuration page
 	$(VENV)/bin/python -m benchmarks.report --plots
+
+docs-config: setup  ## regenerate docs/configuration.md from the config (a unit test fails when it is stale)
+	$(VENV)/bin/python -m cxr_pneumonia.config_docs docs/configuration.md
 
 clean:
 	rm -rf work

@@ -101,7 +101,19 @@ def _train(args: argparse.Namespace) -> int:
     print(text)
     if args.result_json:
         args.result_json.write_text(text)
+    _print_runs_view(cfg.experiment_name)
     return 0
+
+
+def _print_runs_view(experiment: str) -> None:
+    """Where to see the run: MLflow 3's UI opens on a GenAI overview unless the address asks for the runs."""
+    from cxr_pneumonia.ui_link import runs_line
+
+    try:
+        line = runs_line(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), experiment)
+    except Exception as exc:  # the run is done and registered; a link is not worth failing it for
+        line = f"(could not look up the experiment's address: {type(exc).__name__})"
+    print(f"{line}  (`make ui` serves a local store)")
 
 
 def _add_search_worker(sub: argparse._SubParsersAction) -> None:

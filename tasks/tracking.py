@@ -20,6 +20,8 @@ from cxr_model.config import TrainConfig
 from cxr_model.errors import CxrError
 
 IO_RETRIES = 3  # tries after the first for tasks that only talk to a server (MLflow, the registry)
+# MLflow 3 types each experiment; "custom_model_development" is its "Machine learning" kind (runs, not GenAI traces)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def retry_on_io(task, task_run, state) -> bool:
@@ -43,6 +45,18 @@ def record_config(cfg: TrainConfig, run_id: str) -> None:
     with in_run(run_id):
         mlflow.log_params({f"cfg/{k}": v for k, v in settings.items()})
         mlflow.log_dict(settings, "config.json")
+
+
+def use_experiment(name: str) -> str:
+    """Make `name` the active MLflow experiment, created if new and typed as machine learning; its id.
+
+    MLflow 3 reads the kind from this tag (its UI before the GenAI / Model training switch, its assistant);
+    MLflow 3.17's UI takes the view from its address instead (`cxr_pneumonia.ui_link`). A kind a person set is kept.
+    """
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 @contextmanager

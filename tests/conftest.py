@@ -19,12 +19,53 @@ REPO = Path(__file__).resolve().parents[1]
 SPLITS, CLASSES = ("train", "test"), ("NORMAL", "PNEUMONIA")
 
 
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "chest_xray"
+DATA_MISSING = "real dataset not found"  # opens the skip reason; the end-of-run line counts the tests by it
+
+
 def real_data_dir() -> Path | None:
-    """The real dataset: CXR_DATA_DIR, else ../shared/data/chest_xray beside the checkout."""
-    for candidate in (os.environ.get("CXR_DATA_DIR"), REPO.parent / "shared" / "data" / "chest_xray"):
-        if candidate and (Path(candidate) / "train" / "NORMAL").is_dir():
-            return Path(candidate)
-    return None
+    """The real dataset: CXR_DATA_DIR if set (and then only it), else ../shared/data/chest_xray beside the checkout."""
+    configured = os.environ.get("CXR_DATA_DIR")
+    candidate = Path(configured) if configured else DEFAULT_DATA_DIR
+    return candidate if (candidate / "train" / "NORMAL").is_dir() else None
+
+
+def in_ci() -> bool:
+    """CI=true (or any value but false/0): there a missing dataset fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "false", "0", "no")
+
+
+def how_to_point_at_the_data() -> str:
+    configured = os.environ.get("CXR_DATA_DIR")
+    where = (f"CXR_DATA_DIR={configured} has no train/NORMAL folder" if configured
+             else f"CXR_DATA_DIR is not set and nothing is at {DEFAULT_DATA_DIR}")
+    return f"{where}; point it at the folder holding train/ and test/: `CXR_DATA_DIR=/path/to/chest_xray make test`"
+
+
+class MissingDataSummary:
+    """Ends the run with one line when tests were skipped (or, in CI, failed) for want of the real dataset."""
+
+    def __init__(self, config: pytest.Config):
+        self.config, self.nodeids = config, []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "setup" and not report.passed and DATA_MISSING in str(report.longrepr):
+            self.nodeids.append(report.nodeid)
+
+    # tryfirst makes this the outermost wrapper, so the line comes after pytest's own "N passed, M skipped" line
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int):
+        result = yield
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.nodeids and reporter is not None:
+            verdict = "failed (CI=true: the data must be there)" if in_ci() else "skipped"
+            reporter.write_line(f"{len(self.nodeids)} integration tests {verdict}, {DATA_MISSING}: "
+                                f"{how_to_point_at_the_data()}", yellow=not in_ci(), red=in_ci(), bold=True)
+        return result
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(MissingDataSummary(config), "cxr-missing-data-summary")
 
 
 def write_xray(path: Path, seed: int, size: tuple[int, int] = (40, 32), mode: str = "L") -> Path:
@@ -62,8 +103,8 @@ def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small copy (temporary, never committed) of the real dataset: 24 images per split and class."""
     source = real_data_dir()
     if source is None:
-        reason = "real dataset not found: set CXR_DATA_DIR or place it at ../shared/data/chest_xray"
-        if os.environ.get("CI"):  # CI has the data beside the clone: a skip there would hide a broken suite
+        reason = f"{DATA_MISSING}: {how_to_point_at_the_data()}"
+        if in_ci():  # CI has the data beside the clone: a skip there would hide a broken suite
             pytest.fail(reason)
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("real") / "chest_xray"

@@ -15,14 +15,17 @@ from cxr_model.data import index_and_split
 from cxr_model.errors import DataError
 from cxr_pneumonia.tasks.data import DataHandle
 from cxr_pneumonia.tasks.evaluate import Evaluation, summary_markdown
-from cxr_pneumonia.tasks.register import model_card
+from cxr_pneumonia.tasks.register import CARD_HEADLINE_CHARS, model_card
 from cxr_pneumonia.tasks.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     MlflowEpochLogger,
     in_run,
     log_figure,
     metric_key,
     record_config,
     retry_on_io,
+    use_experiment,
 )
 from cxr_pneumonia.tasks.visualize import visualize
 
@@ -38,6 +41,17 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> mlflow.MlflowClien
 
 def test_metric_keys_are_prefixed_by_split() -> None:
     assert metric_key("val_auc") == "val/auc" and metric_key("loss") == "train/loss"
+
+
+def test_a_new_experiment_is_typed_as_machine_learning_and_a_set_kind_is_kept(store: mlflow.MlflowClient) -> None:
+    experiment_id = use_experiment("fresh")
+    assert mlflow.get_experiment_by_name("fresh").experiment_id == experiment_id
+    assert EXPERIMENT_KIND == "custom_model_development"  # MLflow 3's "Machine learning" kind
+    assert store.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert use_experiment("fresh") == experiment_id  # an existing experiment is reused
+    store.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "genai_development")  # a person's choice
+    use_experiment("fresh")
+    assert store.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def test_in_run_attaches_to_a_run_and_leaves_it_running(store: mlflow.MlflowClient) -> None:
@@ -134,4 +148,13 @@ def test_the_model_card_states_input_threshold_numbers_and_limits() -> None:
     assert "resized to 96 px" in card and "threshold 0.6123" in card
     assert "| roc_auc | 0.9910 | 0.9700 |" in card and "| specificity | 0.9300 | 0.7900 |" in card
     assert "Research use only" in card and "nan" not in card.lower()  # a wrong metric key would read NaN
+
+
+def test_the_model_cards_first_line_is_the_headline_the_version_list_can_show() -> None:
+    headline = model_card(load_config("default"), EVALUATION, "abcdef0123456789", "run42").split("\n")[0]
+    assert headline == "acc 0.910, AUC 0.970 @ 0.61"  # test accuracy, test ROC AUC, threshold
+    assert len(headline) <= CARD_HEADLINE_CHARS
+    worst = EVALUATION.model_copy(update=dict(threshold=1.0, test={**EVALUATION.test, "accuracy": 1.0, "roc_auc": 1.0}))
+    widest = model_card(load_config("default"), worst, "abcdef0123456789", "run42").split("\n")[0]
+    assert len(widest) <= CARD_HEADLINE_CHARS
 

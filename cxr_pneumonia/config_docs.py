@@ -1,0 +1,187 @@
+"""docs/configuration.md, generated from the config and the CLI so that it cannot drift from them.
+
+`python -m cxr_pneumonia.config_docs [FILE]` (or `make docs-config`) writes it; `--check` exits 1 when the file
+differs from what the code says. The options come from `TrainConfig`'s fields (type, range, description), the
+profiles from `PROFILES`, and the flags of every `cxr` command from its argparse parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import annotated_types
+from pydantic.fields import FieldInfo
+
+from cxr_model.config import DATA_ENV, PROFILES, WORK_ENV, TrainConfig
+from cxr_pneumonia.cli import DEFAULT_TRACKING_URI, build_parser, field_argument, flag
+
+DOC_PATH = Path("docs/configuration.md")
+GENERATOR = "python -m cxr_pneumonia.config_docs"
+# fields whose value depends on the machine the config is built on, shown as that rule rather than as a value
+FROM_ENVIRONMENT = {"work_dir": f"`${WORK_ENV}`, else `work`", "data_dir": f"`${DATA_ENV}`",
+                    "threads": "one per core"}
+_BOUNDS = ((annotated_types.Ge, "≥", "ge"), (annotated_types.Gt, ">", "gt"), (annotated_types.Le, "≤", "le"),
+           (annotated_types.Lt, "<", "lt"))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def value_text(name: str, value: Any) -> str:
+    """A field's value as the docs show it: what one would type after its flag."""
+    if value is None:
+        return FROM_ENVIRONMENT.get(name, "–")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple | list):
+        return "`" + " ".join(map(str, value)) + "`"
+    return f"`{value}`"
+
+
+def accepts(name: str, info: FieldInfo) -> str:
+    """What the flag takes: choices, arity, or a type with its range."""
+    arg = field_argument(name)
+    if arg.get("action") is argparse.BooleanOptionalAction:
+        return f"`{flag(name)}` / `--no-{flag(name)[2:]}`"
+    if "choices" in arg:
+        return " | ".join(f"`{c}`" for c in arg["choices"])
+    kind = getattr(arg["type"], "__name__", str(arg["type"]))
+    if arg.get("nargs") == "+":
+        kind = f"one or more {kind}"
+    elif isinstance(arg.get("nargs"), int):
+        kind = f"{' '.join(arg['metavar'])} ({kind})"
+    bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for cls, sign, attr in _BOUNDS if isinstance(m, cls)]
+    return kind + (f", {' and '.join(bounds)}" if bounds else "")
+
+
+def profile_values() -> dict[str, dict[str, str]]:
+    """Each profile's value of every field, as shown (a field a profile does not set shows its default)."""
+    shown = {}
+    for profile, settings in PROFILES.items():
+        shown[profile] = {}
+        for name, info in TrainConfig.model_fields.items():
+            if name in FROM_ENVIRONMENT and name not in settings:
+                shown[profile][name] = FROM_ENVIRONMENT[name]
+            else:
+                shown[profile][name] = value_text(name, settings.get(name, info.default))
+    return shown
+
+
+def train_options() -> list[str]:
+    profiles = list(PROFILES)
+    values = profile_values()
+    lines = ["| flag | takes | " + " | ".join(f"`{p}`" for p in profiles) + " | what it sets |",
+             "|---|---|" + "---|" * len(profiles) + "---|"]
+    for name, info in TrainConfig.model_fields.items():
+        if name == "profile":
+            continue
+        row = [f"`{flag(name)}`", accepts(name, info)]
+        row += [f"**{values[p][name]}**" if name in PROFILES[p] else values[p][name] for p in profiles]
+        lines.append("| " + " | ".join(_cell(c) for c in [*row, info.description or ""]) + " |")
+    return lines
+
+
+def command_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> list[str]:
+    """A table of one command's arguments, from its parser."""
+    formatter = parser._get_formatter()
+    lines = ["| argument | help |", "|---|---|"]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in skip:
+            continue
+        names = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.metavar or action.dest}`"
+        help_text = formatter._expand_help(action) if action.help else ""
+        if action.choices:
+            help_text += " (" + ", ".join(map(str, action.choices)) + ")"
+        lines.append(f"| {names} | {_cell(help_text)} |")
+    return lines
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def render() -> str:
+    """The whole of docs/configuration.md."""
+    commands = subcommands(build_parser())
+    train_fields = tuple(n for n in TrainConfig.model_fields if n != "profile")
+    out = [
+        "# Configuration",
+        "",
+        f"<!-- generated by `{GENERATOR}` (`make docs-config`) from cxr_model/config.py and cxr_pneumonia/cli.py;"
+        " edit those, not this file -->",
+        "",
+        "One typed config (`cxr_model.config.TrainConfig`) holds every setting of a training run. A run starts from "
+        "a **profile**, and each setting given explicitly replaces the profile's value:",
+        "",
+        "- on the command line, one flag per field: `cxr train --profile full --seed 3 --image-size 128`;",
+        "- in a Prefect deployment's parameters, by field name: `{\"cfg\": {\"profile\": \"full\", \"seed\": 3}}` "
+        "(the fields not given come from the profile);",
+        "- in Python: `load_config(\"full\", seed=3)` or `TrainConfig(profile=\"full\", seed=3)`.",
+        "",
+        "Every run logs each field as an MLflow parameter `cfg/<field>` and the whole config as `config.json`.",
+        "",
+        "## Environment",
+        "",
+        "| variable | what it sets | default |",
+        "|---|---|---|",
+        f"| `{DATA_ENV}` | the dataset folder (with `train/` and `test/`), when `--data-dir` is not given | – |",
+        f"| `{WORK_ENV}` | decode cache, tuner state and outputs, when `--work-dir` is not given | `work` |",
+        f"| `MLFLOW_TRACKING_URI` | the MLflow tracking store or server | `{DEFAULT_TRACKING_URI}` |",
+        "| `PREFECT_API_URL` | a Prefect server to run the flow on | a temporary local server per run |",
+        "| `KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT` | distributed search roles "
+        "([backends.md](backends.md#distributed-search)) | one process |",
+        "",
+        "## Profiles",
+        "",
+        "| profile | sets |",
+        "|---|---|",
+    ]
+    for profile, settings in PROFILES.items():
+        sets = ", ".join(f"`{flag(k)}` {value_text(k, v)}" for k, v in settings.items()) or "nothing (the defaults)"
+        out.append(f"| `{profile}` | {_cell(sets)} |")
+    out += [
+        "",
+        "## `cxr train`",
+        "",
+        "`--profile` picks the preset (" + ", ".join(f"`{p}`" for p in PROFILES) + "; default `default`). "
+        "Each profile column gives the value a flag left out takes in that profile; bold marks a value the "
+        "profile sets itself.",
+        "",
+        *train_options(),
+        "",
+        "Other arguments:",
+        "",
+        *command_options(commands["train"], skip=train_fields),
+        "",
+    ]
+    for name, parser in commands.items():
+        if name == "train":
+            continue
+        out += [f"## `cxr {name}`", "", parser.description or "", "", *command_options(parser), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=GENERATOR, description="write docs/configuration.md from the config")
+    parser.add_argument("path", nargs="?", type=Path, default=DOC_PATH, help="where (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not what would be written")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.path.read_text() if args.path.is_file() else ""
+        if current != text:
+            print(f"{args.path} is out of date with the config: run `make docs-config`", file=sys.stderr)
+            return 1
+        return 0
+    args.path.write_text(text)
+    print(f"wrote {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
