@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 # the current recipe (no class weights, 96 px, stressed_margin threshold): every whole flow on record
-CURRENT_DEFAULT_QUALITY = ["quality-default-unweighted-seeds20-22.json"]
+CURRENT_DEFAULT_QUALITY = ["quality-default-unweighted-seeds20-22.json", "quality-default-adaptation-seeds40-44.json"]
 CURRENT_DEFAULT_SPEED = ["speed-full.json", "speed-full-flows-seeds35-37.json", "speed-full-flows-seeds38-40.json",
                          "speed-full-flows-seeds45-47.json"]
 CURRENT_FULL_QUALITY = ["quality-full-unweighted-seeds23-25.json", "quality-full-unweighted-seeds26-28.json"]
@@ -245,10 +245,31 @@ def serving() -> str:
                      "HTTP / in-process"], rows))
 
 
+def adaptation() -> str:
+    """`cxr adapt` on the test split, cross-fitted by patient halves, and the stand-in sites' choice."""
+    d, sites = load("adaptation.json"), load("adaptation-sites.json")
+    metrics = ("accuracy", "roc_auc", "sensitivity", "specificity", "ece")
+    rows = [[k, *(f"{v[m]['mean']:.3f} ± {v[m]['sd']:.3f}" for m in metrics)] for k, v in d["summary"].items()
+            if k != "default"]
+    rows += [[f"{d['curve_settings']}, {n} films", *(f"{v[m]['mean']:.3f} ± {v[m]['sd']:.3f}" for m in metrics)]
+             for n, v in d["curve"].items() if n != "all"]
+    test = table(["test, cross-fitted (seeds " + seeds_text([m["seed"] for m in d["models"]]) + ")", "accuracy",
+                  "ROC AUC", "sensitivity", "specificity", "ECE"], rows)
+    site_rows = [[k, f"{v['mean_accuracy']:.4f}", f"{v['worst_site_drop']:.4f}", f"{v['mean_ece']:.3f}",
+                  f"{v['mean_prior_error']:.3f}", str(v["refusals"]), "yes" if v["admissible"] else "no"]
+                 for k, v in sorted(sites["components"]["table"].items(), key=lambda kv: -kv[1]["mean_accuracy"])]
+    chosen = (f"Chosen on the stand-in sites: **{sites['chosen_name']}**; film counts "
+              + ", ".join(f"{n}: prior error {v['mean_prior_error']:.3f}" for n, v in sites["film_counts"].items())
+              + f" (minimum by the rule: {sites['min_films'] or 'none reached 0.05'}).\n\n")
+    return (table(["stand-in sites on validation (5 models x 24 sites)", "accuracy", "worst site drop", "ECE",
+                   "prior error", "refused", "admissible"], site_rows) + "\n" + chosen + test)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "current": current, "current-flows": current_flows, "quality": quality, "speed": speed,
     "reference-runs": reference_runs, "pipeline": pipeline, "width": width, "threshold": threshold, "tta": tta,
     "snapshots": snapshots, "gradcam": gradcam, "recipe": recipe, "serving": serving,
+    "adaptation": adaptation,
 }
 
 
