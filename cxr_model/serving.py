@@ -122,6 +122,8 @@ def decode_request_rows(values: Sequence, image_size: int, max_pixels: int = MAX
 class ServedClassifier:
     """The Keras model with the validation-chosen threshold and test-time views, scoring request rows."""
 
+    logit_scale, logit_offset = 1.0, 0.0  # an unadapted version's probability is its network's score
+
     def __init__(self, model_path: str | Path, threshold: float, image_size: int,
                  views: Sequence[Sequence[float]] = ((1.0, 1.0),), logit_scale: float = 1.0,
                  logit_offset: float = 0.0):
