@@ -6,7 +6,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup train test stack-test lint ui clean
+.PHONY: setup train test stack-test lint ui docs-screenshots clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -32,6 +32,9 @@ ui: setup  ## browse runs and the registry at http://127.0.0.1:5000 (a tracking 
 	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$uri in a browser (it serves the UI)";; \
 	  *) exec $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000;; \
 	esac
+
+docs-screenshots: setup  ## docs/images/mlflow-*.png: `mlflow ui` on a smoke run, shot by headless chromium
+	CXR_SCREENSHOTS=docs/images $(VENV)/bin/pytest tests/test_ui_browser.py $(ARGS)
 
 clean:
 	rm -rf work
