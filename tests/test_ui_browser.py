@@ -16,7 +16,7 @@ import select
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,14 @@ from PIL import Image
 from cxr_pneumonia.model_server import start_tracking_server, stop_model_server
 from tests.conftest import FlowRun
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 SCREENSHOTS_ENV = "CXR_SCREENSHOTS"  # a folder: save each page there as a docs picture as well
+NO_CHROMIUM = "chromium not installed (Debian: apt-get install chromium): the UI is not checked in a browser"
+# a skip before any fixture runs (no smoke flow trained for nothing); in CI and when asked for screenshots the
+# `chromium` fixture fails instead
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI")
+                                 and not os.environ.get(SCREENSHOTS_ENV), reason=NO_CHROMIUM)]
+
 VIEWPORT = (1600, 900)  # wide enough for the runs table's default columns and one metric column
 DOCS_WIDTH, MAX_PNG_BYTES = 1200, 150_000  # a docs picture: downscaled and palette-quantized to under 150 KB
 PLOT = "plots/roc.png"  # a plot of numbers, not of patients' images (the docs carry no copy of the data)
@@ -89,7 +94,7 @@ class Tab:
     def visible(self, needles: list[str]) -> list[str]:
         return self.evaluate(f"({VISIBLE_JS})({json.dumps(needles)})")
 
-    def wait_until(self, expression: str, what: str, timeout: float = RENDER_TIMEOUT) -> object:
+    def wait_until(self, expression: str, what: str | Callable[[], str], timeout: float = RENDER_TIMEOUT) -> object:
         """Poll a JavaScript expression until it is truthy; on timeout fail with a screenshot and the page's text."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -100,12 +105,13 @@ class Tab:
         path = self.shots / f"timeout-{int(time.time() * 1000)}.png"
         path.write_bytes(self.screenshot())
         text = self.evaluate("document.body ? document.body.innerText : ''") or ""
+        what = what() if callable(what) else what
         raise AssertionError(f"not seen within {timeout:.0f} s: {what} (screenshot {path}); the page reads:\n"
                              f"{text[:3000]}")
 
     def wait_visible(self, needles: list[str], timeout: float = RENDER_TIMEOUT) -> None:
         self.wait_until(f"({VISIBLE_JS})({json.dumps(needles)}).length === {len(needles)}",
-                        f"{needles}, of which only {self.visible(needles)} are on screen", timeout)
+                        lambda: f"{needles}, of which only {self.visible(needles)} are on screen", timeout)
 
     def click(self, element_js: str) -> None:
         """A real mouse click (pressed and released) in the middle of the element `element_js` evaluates to."""
@@ -207,13 +213,10 @@ def docs_png(png: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Debian's `chromium`; the test skips without it, except in CI and when asked for screenshots."""
+    """Debian's `chromium` (the module skips without it, except in CI and when asked for screenshots)."""
     path = shutil.which("chromium")
     if path is None:
-        reason = "chromium not installed (Debian: apt-get install chromium): the UI is not checked in a browser"
-        if os.environ.get("CI") or os.environ.get(SCREENSHOTS_ENV):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.fail(NO_CHROMIUM)
     return path
 
 
