@@ -6,7 +6,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup train test stack-test lint ui docs docs-config clean
+.PHONY: setup train test stack-test lint ui docs docs-config docs-screenshots clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -40,6 +40,9 @@ docs: docs-config  ## rebuild docs/benchmarks.md's tables from benchmarks/result
 
 docs-config: setup  ## regenerate docs/configuration.md from the config (a unit test fails when it is stale)
 	$(VENV)/bin/python -m cxr_pneumonia.config_docs docs/configuration.md
+
+docs-screenshots: setup  ## docs/images/mlflow-*.png: `mlflow ui` on a smoke run, shot by headless chromium
+	CXR_SCREENSHOTS=docs/images $(VENV)/bin/pytest tests/test_ui_browser.py $(ARGS)
 
 clean:
 	rm -rf work
