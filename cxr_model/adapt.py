@@ -50,7 +50,7 @@ class Calibration:
     bias: float = 0.0
 
     def apply(self, p) -> np.ndarray:
-        return _sigmoid(_logit(p) / self.temperature + self.bias)
+        return adapted_probability(p, 1 / self.temperature, self.bias)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -334,27 +334,29 @@ def adapt(model, predict_factory: Callable, images: np.ndarray, threshold: float
     check_settings(settings)
     if settings.calibration and calibration is None:
         raise AdaptError("this model version stores no calibration (registered before calibration was fitted at "
-                         "training): train and register it again with `cxr train`, or pass --no-calibration")
+                         "training): train and register it again with `cxr train`, or leave out --calibration")
     cal = calibration if settings.calibration else Calibration()
     raw = predict_factory(model)(images)
-    scores = {"unadapted": raw, "calibrated": cal.apply(raw)}
-    estimate = em_prior(scores["calibrated"], source_prior)
+    calibrated = cal.apply(raw)
+    scores = {"unadapted": raw, "calibrated": calibrated}
+    estimate = em_prior(calibrated, source_prior)
     if settings.prior:
         check_prior(estimate)
     source_weight = None
     if settings.batchnorm:
-        weights = (label_shift_weights(scores["calibrated"], source_prior, estimate.prior)
+        weights = (label_shift_weights(calibrated, source_prior, estimate.prior)
                    if settings.label_shift_guard else None)
         source_weight = blend_weight(len(images), settings.blend_prior)
         adapt_batchnorm(model, images, source_weight, weights)
         raw = predict_factory(model)(images)
-        scores["batchnorm"] = cal.apply(raw)
+        calibrated = scores["batchnorm"] = cal.apply(raw)
+        if settings.prior:  # the prior as the adapted network sees the films
+            estimate = em_prior(calibrated, source_prior)
     offset = cal.bias
     if settings.prior:
-        estimate = em_prior(cal.apply(raw), source_prior)
         check_prior(estimate)
         if settings.bootstrap:
-            estimate.interval = bootstrap_prior(cal.apply(raw), source_prior, settings.bootstrap, seed)
+            estimate.interval = bootstrap_prior(calibrated, source_prior, settings.bootstrap, seed)
         offset += logit_shift(source_prior, estimate.prior)
     scale = 1 / cal.temperature
     served_threshold = float(cal.apply(threshold))  # the parent's rule's threshold on the calibrated scale

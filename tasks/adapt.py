@@ -92,7 +92,7 @@ def adapt_to_site(parent: Parent, images_dir: Path, settings: AdaptSettings, wor
         if settings.calibration and not meta.get("calibration"):
             raise AdaptError(f"models:/{parent.name}/{parent.version} stores no calibration (it was registered "
                              "before `cxr train` fitted one on validation): train and register it again with "
-                             "`cxr train`, or pass --no-calibration")
+                             "`cxr train`, or leave out --calibration")
         if (settings.prior or settings.batchnorm) and "source_prior" not in meta:
             raise AdaptError(f"models:/{parent.name}/{parent.version} does not record its training split's "
                              "PNEUMONIA share: train and register it again with `cxr train`")
