@@ -40,7 +40,7 @@ sys.path[:0] = [str(HERE.parent)]
 from benchmarks.gradcam_regions import class_region_shares  # noqa: E402
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
-from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
+from cxr_model.data import index_dataset, split_by_patient, split_rows  # noqa: E402
 from cxr_model.evaluate import CLEAN_RULES, binary_metrics, choose_threshold, cross_fit_rules  # noqa: E402
 from cxr_model.fitting import fit_networks  # noqa: E402
 from cxr_model.inference import compile_forward  # noqa: E402
@@ -245,7 +245,8 @@ def train_and_validation(data_dir: str | None, image_size: int | None = None) ->
     manifest = split_by_patient(index_dataset(cfg.resolved_data_dir()).manifest, cfg.val_fraction, cfg.seed)
     manifest = manifest[manifest["split"] != "test"]  # never loaded, never scored
     images = decoded_images(manifest, cfg.image_size, cfg.cache_dir)
-    return {s: (images.take(part), part["label"].to_numpy()) for s, part in manifest.groupby("split")}
+    parts = {s: split_rows(manifest, s) for s in ("train", "val")}
+    return {s: (images.take(part), part["label"].to_numpy()) for s, part in parts.items()}
 
 
 def run(name: str, seed: int, splits) -> dict:

@@ -30,7 +30,7 @@ from reference import BATCH_SIZE, EPOCHS, IMAGE_SIZE, build_reference, reference
 from cxr_model.augmentation import build_augmentation  # noqa: E402
 from cxr_model.cache import decoded_images  # noqa: E402
 from cxr_model.config import load_config  # noqa: E402
-from cxr_model.data import index_dataset, split_by_patient  # noqa: E402
+from cxr_model.data import index_dataset, split_by_patient, split_rows  # noqa: E402
 from cxr_model.evaluate import binary_metrics, choose_threshold  # noqa: E402
 from cxr_model.fitting import fit_recipe  # noqa: E402
 from cxr_model.inference import compile_forward  # noqa: E402
@@ -116,7 +116,8 @@ def load_splits(data_dir: str, size: int, per_class: int | None):
     if per_class:
         manifest = manifest.groupby(["split", "label"], group_keys=False).head(per_class)
     images = decoded_images(manifest, size, cfg.cache_dir)
-    return {s: (images.take(part), part["label"].to_numpy()) for s, part in manifest.groupby("split")}
+    return {s: (images.take(part), part["label"].to_numpy())
+            for s in ("train", "val", "test") if len(part := split_rows(manifest, s))}
 
 
 def train_project(splits, seed: int) -> dict:

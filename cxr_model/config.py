@@ -28,6 +28,8 @@ Block = Literal["plain", "residual", "separable"]
 Antialias = Literal["none", "stem", "pools", "all"]
 Intensity = Literal["standardize", "equalize", "rescale"]
 Optimizer = Literal["adam", "sgd"]
+# TrainConfig's settings that every network of a run shares (the search does not sample them)
+NETWORK_SETTINGS = ("head", "block", "antialias", "intensity", "label_smoothing", "weight_decay", "ema", "optimizer")
 # how the learning rate moves in the final training: plateau = cut by 0.3 when validation AUC stalls; cosine =
 # from the learning rate down to 0 along half a cosine over the epochs (cxr_model.callbacks.CosineEpochs)
 Schedule = Literal["plateau", "cosine"]
@@ -54,7 +56,7 @@ TTA_VIEWS: dict[str, tuple[tuple[float, float], ...]] = {
 assert set(get_args(TestTimeViews)) == set(TTA_VIEWS), "TestTimeViews must name every TTA_VIEWS entry"
 
 
-def _work_dir_from_environment() -> Path:
+def work_dir_from_environment() -> Path:
     """CXR_WORK_DIR of the machine the config is built on (a worker's, for a deployment), else ./work."""
     return Path(os.environ.get(WORK_ENV) or "work")
 
@@ -73,7 +75,7 @@ class TrainConfig(BaseModel):
     profile: str = Field("default", frozen=True, description=(
         "preset the other fields start from (PROFILES); fixed once built, since only building a config fills it"))
     data_dir: Path | None = Field(None, description="dataset folder with train/ and test/ (or set CXR_DATA_DIR)")
-    work_dir: Path = Field(default_factory=_work_dir_from_environment, description=(
+    work_dir: Path = Field(default_factory=work_dir_from_environment, description=(
         "cache, tuner state and outputs (or set CXR_WORK_DIR; default ./work)"))
     # data
     image_size: int = Field(128, ge=16, le=1024, description="square side the images are resized to, in pixels")
@@ -222,9 +224,7 @@ class TrainConfig(BaseModel):
         return dict(blocks=self.search_blocks, filters=self.search_filters, convs_per_block=self.search_convs_per_block,
                     dropout=self.search_dropout, dense_units=self.search_dense_units,
                     learning_rate=self.search_learning_rate,
-                    fixed=dict(head=self.head, block=self.block, antialias=self.antialias, intensity=self.intensity,
-                               label_smoothing=self.label_smoothing, weight_decay=self.weight_decay,
-                               ema=self.ema, optimizer=self.optimizer))
+                    fixed={name: getattr(self, name) for name in NETWORK_SETTINGS})
 
     def search_state_key(self) -> str:
         """A short digest of every setting a search trial's score depends on (its state folder is named by it).

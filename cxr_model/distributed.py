@@ -134,6 +134,9 @@ def worker_instructions(role: SearchRole, run_id: str) -> str:
             f"{TUNER_ID}=tuner0 {ORACLE_IP}={host} {ORACLE_PORT}={role.port} cxr search-worker --data-dir DIR")
 
 
+WORKER_WAIT_MINUTES = 10.0  # how long a search worker waits for its chief to serve before it gives up
+
+
 def wait_for_oracle(role: SearchRole, wait_s: float) -> None:
     """Return once the chief's oracle accepts a connection; ServerError after `wait_s` without one."""
     import grpc

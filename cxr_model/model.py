@@ -8,13 +8,18 @@ from dataclasses import asdict, dataclass
 import keras
 from keras import layers
 
-from cxr_model.config import Antialias, Block, Head, Intensity, Optimizer
+from cxr_model.config import Antialias, Block, Head, Intensity, Optimizer, TrainConfig
 from cxr_model.layers import INTENSITY_LAYERS, BlurPool2D
+
+
+def _setting(name: str):
+    """TrainConfig's default of one of its settings: the network's defaults are declared there, once."""
+    return TrainConfig.model_fields[name].default
 
 
 @dataclass(frozen=True)
 class ConvNetConfig:
-    image_size: int = 128  # input side in pixels; input is (B, S, S, 1) grayscale, 0..255
+    image_size: int = _setting("image_size")  # input side in pixels; input is (B, S, S, 1) grayscale, 0..255
     blocks: int = 4  # conv blocks after the stem; each halves the resolution
     filters: int = 32  # filters of the first block, doubled per block (capped at max_filters)
     max_filters: int = 256
@@ -22,31 +27,31 @@ class ConvNetConfig:
     # plain: the block's convs in a chain; residual: their output plus a shortcut from the block's input (identity
     # where the width stays, a 1x1 conv + BN where it changes) before the last ReLU, as in ResNet (He et al. 2016);
     # separable: each block conv is depthwise-separable (MobileNet, Xception; the stem stays a full conv)
-    block: Block = "plain"
+    block: Block = _setting("block")
     # anti-aliased downsampling (Zhang 2019; `BlurPool2D`): stem: the stem convolves at full resolution, then
     # low-pass filters before it subsamples; pools: each max-pool takes its 2x2 max at every place, then filters
     # and subsamples (the stem stays a strided conv); all: both
-    antialias: Antialias = "none"
+    antialias: Antialias = _setting("antialias")
     stem_stride: int = 2  # 2 halves the resolution up front: ~4x fewer FLOPs per image
     # gap: global average pooling (how much of each feature); flatten: keeps where a feature sits; gapmax: average
     # and max pooling side by side (also how strongly it shows at its strongest place, e.g. one consolidation)
-    head: Head = "gap"
+    head: Head = _setting("head")
     # standardize: zero mean, unit variance per image; equalize: each pixel's rank within its image (histogram
     # equalization), the same for every monotone exposure curve; rescale: 0..255 -> -1..1 for every image alike
-    intensity: Intensity = "standardize"
+    intensity: Intensity = _setting("intensity")
     dropout: float = 0.3  # after the pooling / flatten
     dense_units: int = 64  # 0 = no hidden dense layer
     learning_rate: float = 1e-3
-    label_smoothing: float = 0.0
+    label_smoothing: float = _setting("label_smoothing")
     # decoupled weight decay (AdamW, Loshchilov & Hutter 2019) of the conv and dense kernels; 0 = plain Adam
-    weight_decay: float = 0.0
+    weight_decay: float = _setting("weight_decay")
     # Polyak averaging: the weights evaluated, kept and saved are an exponential moving average of the trained
     # ones, new = ema * old + (1 - ema) * current after every step (`use_ema` of the Keras optimizer); 0 = off
-    ema: float = 0.0
+    ema: float = _setting("ema")
     # adam, or sgd: plain SGD with Nesterov momentum 0.9 (Sutskever et al. 2013), whose steps do not adapt to
     # each weight's gradient history; its learning rate runs about 10x Adam's (0.1 per 256 images, Goyal et al.
     # 2017, is 0.0125 at batch 32). Weight decay, if set, is decoupled for either
-    optimizer: Optimizer = "adam"
+    optimizer: Optimizer = _setting("optimizer")
 
     @property
     def blurred_stem(self) -> bool:

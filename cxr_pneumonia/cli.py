@@ -17,8 +17,8 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
-from cxr_model.config import PROFILES, TrainConfig
-from cxr_model.distributed import SearchFault
+from cxr_model.config import PROFILES, TrainConfig, work_dir_from_environment
+from cxr_model.distributed import WORKER_WAIT_MINUTES, SearchFault
 from cxr_model.errors import ConfigError, CxrError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the documented run store, whatever MLflow's own default is
@@ -123,11 +123,10 @@ def _add_search_worker(sub: argparse._SubParsersAction) -> None:
                     "KERASTUNER_TUNER_ID (a name per worker, e.g. tuner0), KERASTUNER_ORACLE_IP (the chief's "
                     "address) and KERASTUNER_ORACLE_PORT, and the chief's MLFLOW_TRACKING_URI: the settings come "
                     "from the chief's run, and each trial is logged as a nested run of it.")
-    p.add_argument("--data-dir", type=Path, help="this machine's copy of the dataset (or set CXR_DATA_DIR)")
-    p.add_argument("--work-dir", type=Path, help="decode cache and trial state (or set CXR_WORK_DIR; default ./work)")
-    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    for name in ("data_dir", "work_dir", "threads"):  # this machine's; every other setting is the chief's
+        p.add_argument(flag(name), dest=name, **field_argument(name))
     p.add_argument("--run-id", help="the chief's MLflow run (default: the running flow that serves on the port)")
-    p.add_argument("--wait-minutes", type=float, default=10.0,
+    p.add_argument("--wait-minutes", type=float, default=WORKER_WAIT_MINUTES,
                    help="how long to wait for the chief's run to start serving (default: %(default)s)")
     p.set_defaults(func=_search_worker)
 
@@ -162,8 +161,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                             ("prior", "the site's class prior estimated by EM and the threshold moved by it")):
         p.add_argument(f"--{component}", action=argparse.BooleanOptionalAction,
                        default=getattr(DEFAULT_SETTINGS, component), help=f"apply {what} (default: %(default)s)")
-    p.add_argument("--work-dir", type=Path, help="where the adapted model is written (or CXR_WORK_DIR; default ./work)")
-    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    for name in ("work_dir", "threads"):
+        p.add_argument(flag(name), dest=name, **field_argument(name))
     p.set_defaults(func=_adapt)
 
 
@@ -183,7 +182,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from cxr_pneumonia.flows.adapt_flow import adapt_flow
 
     settings = AdaptSettings(calibration=args.calibration, batchnorm=args.batchnorm, prior=args.prior)
-    work_dir = args.work_dir or Path(os.environ.get("CXR_WORK_DIR") or "work")
+    work_dir = args.work_dir or work_dir_from_environment()
     result = adapt_flow(args.model, args.images, args.name, args.alias, settings, work_dir, args.threads)
     if result.get("refused"):
         print(f"error: {result['refused']}", file=sys.stderr)

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cxr_model.errors import ServerError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -60,7 +62,7 @@ def _start(mlflow_args: list[str], ready_path: str, what: str, log: Path, env: d
         except OSError:
             time.sleep(1)
     stop_model_server(proc)
-    raise RuntimeError(f"{what} did not start (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+    raise ServerError(f"{what} did not start (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
 
 
 def stop_model_server(proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -23,6 +23,7 @@ from cxr_model.adapt import AdaptError, AdaptSettings, Calibration, adapt, check
 from cxr_model.inference import compile_forward
 from cxr_model.serving import INPUT_COLUMN, encode_file
 from cxr_pneumonia.tasks.packaging import log_served_model
+from cxr_pneumonia.tasks.tracking import IO_RETRIES, retry_on_io
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -62,7 +63,8 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
     return name, str(version)
 
 
-@task(name="load-parent", cache_policy=NONE, retries=1)
+@task(name="load-parent", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5,
+      retry_condition_fn=retry_on_io)
 def load_parent(model_uri: str, work_dir: Path) -> Parent:
     """Download the version's Keras model and meta.json."""
     name, version = resolve_version(model_uri)

@@ -15,6 +15,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 import cxr_model
+from cxr_model.errors import ConfigError
 from cxr_model.serving import INPUT_COLUMN
 
 SIGNATURE = ModelSignature(
@@ -44,7 +45,7 @@ def pip_requirements() -> list[str]:
             except PackageNotFoundError:
                 continue
         else:
-            raise RuntimeError(f"None of {names} is installed; the served model needs it")
+            raise ConfigError(f"None of {names} is installed; the served model needs it")
     return pins
 
 
@@ -52,7 +53,7 @@ def served_model_code() -> Path:
     """The wrapper's source file, found without importing it."""
     spec = importlib.util.find_spec(SERVED_MODEL_MODULE)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f"{SERVED_MODEL_MODULE} is not installed: install the cxr-pneumonia package")
+        raise ConfigError(f"{SERVED_MODEL_MODULE} is not installed: install the cxr-pneumonia package")
     return Path(spec.origin)
 
 

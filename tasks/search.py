@@ -43,7 +43,7 @@ from cxr_model.search import (
     state_lock,
 )
 from cxr_pneumonia.tasks.data import DataHandle, open_data
-from cxr_pneumonia.tasks.tracking import MlflowEpochLogger, in_run
+from cxr_pneumonia.tasks.tracking import IO_RETRIES, MlflowEpochLogger, in_run, retry_on_io
 
 
 class MlflowTrials:
@@ -191,12 +191,13 @@ class ChiefRun(BaseModel):
     data_digest: str
 
 
-@task(name="join-search", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(name="join-search", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
 def join_search(data_dir: Path | None, work_dir: Path | None, threads: int | None, run_id: str | None,
                 wait_s: float) -> ChiefRun:
     """Find the chief's run and read its config; only the paths and the thread count are this machine's.
 
-    Retried: it only reads (the oracle's port, the tracking server), and a server that restarts answers again.
+    Retried on a server's failure only: it only reads (the oracle's port, the tracking server), and a server that
+    restarts answers again; a refusal (a finished run, a silent oracle after `wait_s`) fails at once.
     """
     role = worker_role()
     started = time.monotonic()

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cxr_model.config import TTA_VIEWS
+from cxr_model.errors import ConfigError
 from cxr_model.serving import INPUT_COLUMN, BadRequest, ServedClassifier, decode_base64, decode_request_rows
 from cxr_pneumonia.model_server import start_model_server, stop_model_server
 from cxr_pneumonia.predict import BadRows, find_images, format_table, invocations_url, score_files
@@ -231,7 +232,7 @@ def test_pip_requirements_pin_tensorflow_under_the_name_it_was_installed_as(monk
     assert "tensorflow" in names and "tensorflow-cpu" not in names
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
-    with pytest.raises(RuntimeError, match="None of"):
+    with pytest.raises(ConfigError, match="None of"):
         pip_requirements()
 
 

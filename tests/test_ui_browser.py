@@ -296,9 +296,10 @@ def test_runs_page_lists_the_run_its_trials_and_its_test_accuracy(ui: str, flow_
                    "the column menu to close", timeout=15)
     accuracy = flow_run.data.metrics["test_accuracy"]
     tab.wait_visible([flow_run.info.run_name, "test_accuracy", str(accuracy)[:5], "cxr-pneumonia"])
-    # the search's trials are nested runs: the expander in the run's name cell shows them
-    tab.click(f"[...document.querySelectorAll('[role=gridcell]')].find(c => c.innerText.includes("
-              f"{json.dumps(flow_run.info.run_name)}))?.querySelector('button')")
+    # the search's trials are nested runs: the expander in the run's name cell shows them. The cell is found by
+    # its link to this run, since a later run of the same name (a resumed search, without trials) may be listed
+    tab.click(f"document.querySelector('[role=gridcell] a[href$=\"/runs/{flow_run.info.run_id}\"]')"
+              f"?.closest('[role=gridcell]')?.querySelector('button')")
     trials = MlflowClient(smoke_flow.tracking_uri).search_runs(
         [flow_run.info.experiment_id], f"tags.mlflow.parentRunId = '{flow_run.info.run_id}'")
     assert trials
