@@ -13,7 +13,7 @@ from cxr_pneumonia.tasks.data import load_data
 from cxr_pneumonia.tasks.evaluate import evaluate
 from cxr_pneumonia.tasks.register import register
 from cxr_pneumonia.tasks.search import search
-from cxr_pneumonia.tasks.tracking import git_commit, record_config, use_experiment
+from cxr_pneumonia.tasks.tracking import close_crashed_runs, git_commit, record_config, use_experiment
 from cxr_pneumonia.tasks.training import train_model
 from cxr_pneumonia.tasks.visualize import visualize
 
@@ -39,8 +39,9 @@ def train_flow(cfg: TrainConfig) -> dict:
     Each stage's wall time is logged as `time/<stage>_seconds` and returned under "seconds".
     """
     configure_threads(cfg.threads)  # in the flow, so the CLI and a deployment or worker that calls it get them alike
-    use_experiment(cfg.experiment_name)
+    experiment_id = use_experiment(cfg.experiment_name)
     tags = {"profile": cfg.profile, "git_commit": git_commit(), "cxr.role": "pipeline", **prefect_tags()}
+    close_crashed_runs(experiment_id, tags.get("prefect.flow_run_id"))  # a killed worker's flow left its run open
     seconds: dict[str, float] = {}
 
     def timed(stage: str, task, *args):

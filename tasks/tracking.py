@@ -47,6 +47,55 @@ def record_config(cfg: TrainConfig, run_id: str) -> None:
         mlflow.log_dict(settings, "config.json")
 
 
+# Prefect states of a flow run that ended without closing its MLflow run: its process was killed (Prefect marks it
+# Crashed when its heartbeats stop) or cancelled from outside
+ENDED_UNCLOSED = ("CRASHED", "CANCELLED", "FAILED")
+
+
+def _flow_run_state(flow_run_id: str) -> str | None:
+    """The state type of a Prefect flow run on this flow's API; None where that API does not know it."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except (ObjectNotFound, ValueError):  # another Prefect's run (a local store moved between servers), a bad tag
+        return None
+    return state.type.value if state is not None else None
+
+
+@task(name="close-crashed-runs", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5,
+      retry_condition_fn=retry_on_io)
+def close_crashed_runs(experiment_id: str, this_flow_run: str | None) -> list[str]:
+    """Mark FAILED every RUNNING pipeline run of the experiment whose Prefect flow run has ended (a killed worker's
+    flow: Crashed), with its RUNNING trials, so that no run shows as running for ever; their ids.
+
+    Only runs whose flow run the Prefect API reports ended are touched: a flow still running, or one this API does
+    not know (a local run, whose killed process Prefect never hears of), keeps its run as it is.
+    """
+    client = mlflow.MlflowClient()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and tags.`cxr.role` = 'pipeline'"):
+        flow_run_id = run.data.tags.get("prefect.flow_run_id")
+        if not flow_run_id or flow_run_id == this_flow_run:
+            continue
+        state = _flow_run_state(flow_run_id)
+        if state not in ENDED_UNCLOSED:
+            continue
+        why = f"its Prefect flow run {run.data.tags.get('prefect.flow_run_name', flow_run_id)} ended {state}"
+        trials = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
+                                                     "and attributes.status = 'RUNNING'")
+        for stale in [*trials, run]:
+            client.set_tag(stale.info.run_id, "cxr.failure", why)
+            client.set_terminated(stale.info.run_id, status="FAILED")
+        print(f"Closed MLflow run {run.info.run_id} (and {len(trials)} running trials) as FAILED: {why}")
+        closed.append(run.info.run_id)
+    return closed
+
+
 def use_experiment(name: str) -> str:
     """Make `name` the active MLflow experiment, created if new and typed as machine learning; its id.
 

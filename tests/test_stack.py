@@ -267,5 +267,8 @@ def test_a_killed_worker_shows_crashed_and_resume_skips_finished_trials(stack: S
     again = {t for t, _, _ in stack.trials(resumed_id)}
     assert not again & done_before, f"finished trials run again: {sorted(again & done_before)}"
     assert done_before | again == {str(i) for i in range(5)}
+    # the resumed flow closed the killed flow's run and its trial that was running: nothing shows as running
+    assert stack.mlflow_runs(first) == [[run_id, "FAILED"]]
+    assert not [t for t in stack.trials(run_id) if t[2] == "RUNNING"], stack.trials(run_id)
     print(f"worker kill and resume: {time.monotonic() - started:.0f} s; trials before {sorted(done_before)}, "
           f"after {sorted(again)}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -20,6 +21,7 @@ from cxr_pneumonia.tasks.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     MlflowEpochLogger,
+    close_crashed_runs,
     in_run,
     log_figure,
     metric_key,
@@ -158,3 +160,36 @@ def test_the_model_cards_first_line_is_the_headline_the_version_list_can_show() 
     widest = model_card(load_config("default"), worst, "abcdef0123456789", "run42").split("\n")[0]
     assert len(widest) <= CARD_HEADLINE_CHARS
 
+
+
+@pytest.mark.slow
+def test_a_crashed_flows_run_and_its_running_trials_are_closed_and_live_ones_kept(store: mlflow.MlflowClient) -> None:
+    """A worker killed mid-flow leaves its MLflow run RUNNING; the next flow closes it once Prefect says the flow run
+    crashed, and leaves alone a flow still running, one Prefect does not know, and itself."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+    from prefect.testing.utilities import prefect_test_harness
+
+    @flow(name="cxr-pneumonia-train")
+    def pipeline() -> None:
+        pass
+
+    experiment_id = mlflow.get_experiment_by_name("t").experiment_id
+
+    def pipeline_run(flow_run_id: str) -> str:
+        tags = {"cxr.role": "pipeline", "prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": "brave-fox"}
+        return store.create_run(experiment_id, tags=tags).info.run_id
+
+    with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as prefect:
+        crashed, live, this = (str(prefect.create_flow_run(pipeline, state=Running()).id) for _ in range(3))
+        prefect.set_flow_run_state(crashed, Crashed(message="No heartbeat"), force=True)
+        killed, running, unknown, current = (pipeline_run(i) for i in (crashed, live, str(uuid.uuid4()), this))
+        trial = store.create_run(experiment_id, tags={"mlflow.parentRunId": killed, "cxr.role": "trial"}).info.run_id
+        done = store.create_run(experiment_id, tags={"mlflow.parentRunId": killed, "cxr.role": "trial"}).info.run_id
+        store.set_terminated(done, "FINISHED")
+        assert close_crashed_runs.fn(experiment_id, this) == [killed]
+    status = {r: store.get_run(r).info.status for r in (killed, trial, done, running, unknown, current)}
+    assert status == {killed: "FAILED", trial: "FAILED", done: "FINISHED", running: "RUNNING", unknown: "RUNNING",
+                      current: "RUNNING"}
+    assert store.get_run(trial).data.tags["cxr.failure"] == "its Prefect flow run brave-fox ended CRASHED"
