@@ -48,8 +48,12 @@ class AdaptedModel(BaseModel):
     skipped: list[tuple[str, str]] = []
 
 
+NOT_IN_REGISTRY = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's codes for an unknown name/version
+
+
 def resolve_version(model_uri: str) -> tuple[str, str]:
-    """(name, version) of `models:/NAME/VERSION` or `models:/NAME@ALIAS`; AdaptError for anything else."""
+    """(name, version) of `models:/NAME/VERSION` or `models:/NAME@ALIAS`; AdaptError for another URI or a version
+    the registry does not hold (a server's failure is raised as it is)."""
     match = _MODEL_URI.match(model_uri)
     if not match:
         raise AdaptError(f"--model: expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
@@ -58,6 +62,8 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
         version = match["version"] or MlflowClient().get_model_version_by_alias(name, match["alias"]).version
         MlflowClient().get_model_version(name, version)
     except MlflowException as exc:
+        if exc.error_code not in NOT_IN_REGISTRY:
+            raise  # the server's failure, not the user's: load-parent retries it
         raise AdaptError(f"--model: {model_uri} is not in the registry at {mlflow.get_tracking_uri()} "
                          f"({exc.message.splitlines()[0]})") from None
     return name, str(version)

@@ -47,11 +47,6 @@ def record_config(cfg: TrainConfig, run_id: str) -> None:
         mlflow.log_dict(settings, "config.json")
 
 
-# Prefect states of a flow run that ended without closing its MLflow run: its process was killed (Prefect marks it
-# Crashed when its heartbeats stop) or cancelled from outside
-ENDED_UNCLOSED = ("CRASHED", "CANCELLED", "FAILED")
-
-
 def _flow_run_state(flow_run_id: str) -> str | None:
     """The state type of a Prefect flow run on this flow's API; None where that API does not know it."""
     from uuid import UUID
@@ -67,30 +62,50 @@ def _flow_run_state(flow_run_id: str) -> str | None:
     return state.type.value if state is not None else None
 
 
-@task(name="close-crashed-runs", cache_policy=NONE, retries=IO_RETRIES, retry_delay_seconds=5,
-      retry_condition_fn=retry_on_io)
-def close_crashed_runs(experiment_id: str, this_flow_run: str | None) -> list[str]:
-    """Mark FAILED every RUNNING pipeline run of the experiment whose Prefect flow run has ended (a killed worker's
-    flow: Crashed), with its RUNNING trials, so that no run shows as running for ever; their ids.
+def _ended_unclosed(flow_run_id: str, this_flow_run: str | None) -> str | None:
+    """Why a RUNNING pipeline run tagged with `flow_run_id` is dead, or None while it may be alive.
 
-    Only runs whose flow run the Prefect API reports ended are touched: a flow still running, or one this API does
-    not know (a local run, whose killed process Prefect never hears of), keeps its run as it is.
+    Crashed is what Prefect shows for a flow whose process was killed (its heartbeats stopped). An earlier
+    attempt of this very flow run (a crashed run retried from the UI keeps its id) is dead too, since this flow
+    has not opened its own run yet. Any other state, or a flow run this API does not know (a local run, whose
+    killed process Prefect never hears of), may still be running.
+    """
+    if flow_run_id == this_flow_run:
+        return "an earlier attempt of this flow run"
+    return "CRASHED" if _flow_run_state(flow_run_id) == "CRASHED" else None
+
+
+@task(name="close-crashed-runs", cache_policy=NONE)
+def close_crashed_runs(experiment_id: str, this_flow_run: str | None) -> list[str]:
+    """Mark FAILED every RUNNING pipeline run of the experiment whose Prefect flow run crashed (a killed worker's
+    flow), with its RUNNING trials, so that no run shows as running for ever; their ids.
+
+    Best effort: a failure here (a server that refuses) is printed and leaves the runs as they are, never failing
+    the flow that is about to train. A crashed flow that was in fact alive ends its run itself later, FINISHED.
     """
     client = mlflow.MlflowClient()
     closed = []
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and tags.`cxr.role` = 'pipeline'"):
+    try:
+        runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING' and tags.`cxr.role` = 'pipeline'")
+    except Exception as exc:  # any failure of the lookup: nothing is closed
+        print(f"Could not look for crashed flows' runs ({type(exc).__name__}: {exc}); none closed")
+        return closed
+    for run in runs:
         flow_run_id = run.data.tags.get("prefect.flow_run_id")
-        if not flow_run_id or flow_run_id == this_flow_run:
+        try:
+            ended = _ended_unclosed(flow_run_id, this_flow_run) if flow_run_id else None
+            if ended is None:
+                continue
+            name = run.data.tags.get("prefect.flow_run_name", flow_run_id)
+            why = f"its Prefect flow run {name} ended {ended}" if ended == "CRASHED" else f"{ended} ({name}) died"
+            trials = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
+                                                         "and attributes.status = 'RUNNING'")
+            for stale in [*trials, run]:
+                client.set_tag(stale.info.run_id, "cxr.failure", why)
+                client.set_terminated(stale.info.run_id, status="FAILED")
+        except Exception as exc:  # this run stays as it is; the flow goes on
+            print(f"Could not close MLflow run {run.info.run_id} ({type(exc).__name__}: {exc})")
             continue
-        state = _flow_run_state(flow_run_id)
-        if state not in ENDED_UNCLOSED:
-            continue
-        why = f"its Prefect flow run {run.data.tags.get('prefect.flow_run_name', flow_run_id)} ended {state}"
-        trials = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
-                                                     "and attributes.status = 'RUNNING'")
-        for stale in [*trials, run]:
-            client.set_tag(stale.info.run_id, "cxr.failure", why)
-            client.set_terminated(stale.info.run_id, status="FAILED")
         print(f"Closed MLflow run {run.info.run_id} (and {len(trials)} running trials) as FAILED: {why}")
         closed.append(run.info.run_id)
     return closed

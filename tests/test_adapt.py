@@ -174,6 +174,26 @@ def test_adapt_refuses_a_version_without_calibration_and_a_one_class_folder_befo
         np.testing.assert_array_equal(m0, m1)
 
 
+def test_an_unknown_model_is_refused_and_a_failing_server_is_left_to_the_retries(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cxr_pneumonia.tasks.adapt import resolve_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for uri in ("models:/nope@champion", "models:/nope/3", "runs:/abc/model"):
+        with pytest.raises(AdaptError, match="--model"):
+            resolve_version(uri)
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request to http://mlflow:5000 failed: Connection refused")  # INTERNAL_ERROR
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", down)
+    with pytest.raises(MlflowException, match="Connection refused") as raised:
+        resolve_version("models:/cxr-pneumonia@champion")
+    assert not isinstance(raised.value, AdaptError)
+
+
 def test_served_classifier_answers_the_adapted_probability(tmp_path):
     import json
 

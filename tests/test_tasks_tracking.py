@@ -161,11 +161,11 @@ def test_the_model_cards_first_line_is_the_headline_the_version_list_can_show() 
     assert len(widest) <= CARD_HEADLINE_CHARS
 
 
-
 @pytest.mark.slow
 def test_a_crashed_flows_run_and_its_running_trials_are_closed_and_live_ones_kept(store: mlflow.MlflowClient) -> None:
     """A worker killed mid-flow leaves its MLflow run RUNNING; the next flow closes it once Prefect says the flow run
-    crashed, and leaves alone a flow still running, one Prefect does not know, and itself."""
+    crashed, and an earlier attempt of its own flow run, and leaves alone a flow still running and one Prefect does
+    not know."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
@@ -184,12 +184,13 @@ def test_a_crashed_flows_run_and_its_running_trials_are_closed_and_live_ones_kep
     with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as prefect:
         crashed, live, this = (str(prefect.create_flow_run(pipeline, state=Running()).id) for _ in range(3))
         prefect.set_flow_run_state(crashed, Crashed(message="No heartbeat"), force=True)
-        killed, running, unknown, current = (pipeline_run(i) for i in (crashed, live, str(uuid.uuid4()), this))
+        killed, running, unknown, attempt = (pipeline_run(i) for i in (crashed, live, str(uuid.uuid4()), this))
         trial = store.create_run(experiment_id, tags={"mlflow.parentRunId": killed, "cxr.role": "trial"}).info.run_id
         done = store.create_run(experiment_id, tags={"mlflow.parentRunId": killed, "cxr.role": "trial"}).info.run_id
         store.set_terminated(done, "FINISHED")
-        assert close_crashed_runs.fn(experiment_id, this) == [killed]
-    status = {r: store.get_run(r).info.status for r in (killed, trial, done, running, unknown, current)}
+        assert sorted(close_crashed_runs.fn(experiment_id, this)) == sorted([killed, attempt])
+    status = {r: store.get_run(r).info.status for r in (killed, trial, done, running, unknown, attempt)}
     assert status == {killed: "FAILED", trial: "FAILED", done: "FINISHED", running: "RUNNING", unknown: "RUNNING",
-                      current: "RUNNING"}
+                      attempt: "FAILED"}
     assert store.get_run(trial).data.tags["cxr.failure"] == "its Prefect flow run brave-fox ended CRASHED"
+    assert close_crashed_runs.fn(experiment_id, this) == []  # nothing is left to close
