@@ -4,6 +4,7 @@ worker client and a fake clock; the integration test kills a real worker process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -321,12 +322,21 @@ def test_a_lost_trials_run_is_marked_failed(tmp_path: Path, monkeypatch: pytest.
 
 
 def _start_worker(tuner_id: str, cwd: Path, data: Path, oracle: dict, url: str) -> subprocess.Popen:
+    """`cxr search-worker` in a process group of its own (its flow's temporary Prefect server is in it too)."""
     cwd.mkdir()
     env = {**os.environ, **oracle, "KERASTUNER_TUNER_ID": tuner_id, "MLFLOW_TRACKING_URI": url,
            "CXR_WORK_DIR": str(cwd / "work"), "PYTHONUNBUFFERED": "1"}
     with open(cwd / "stdout.log", "w") as out, open(cwd / "stderr.log", "w") as err:
         return subprocess.Popen([sys.executable, "-m", "cxr_pneumonia.cli", "search-worker", "--data-dir", str(data),
-                                 "--wait-minutes", "10", "--threads", "1"], cwd=cwd, env=env, stdout=out, stderr=err)
+                                 "--wait-minutes", "10", "--threads", "1"], cwd=cwd, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+
+
+def _kill_worker(proc: subprocess.Popen) -> None:
+    """`kill -9` of the worker's whole process group, as when its machine goes down: nothing of it lives on."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _worker_log(cwd: Path) -> str:
@@ -374,14 +384,15 @@ def test_a_worker_killed_mid_trial_leaves_the_flow_to_finish(
         # tuner0 dies mid-trial once tuner1 has joined (else no worker would be left)
         wait_for("tuner1 joined", lambda: "Search worker tuner1: run" in _worker_log(tmp_path / "tuner1"))
         victim = wait_for("tuner0 mid-trial", lambda: _running_trial(client, "tuner0"))
-        workers["tuner0"].send_signal(signal.SIGKILL)
+        _kill_worker(workers["tuner0"])
         killed_at = time.monotonic()
         flow = finish_flow(timeout=600)
         print(f"the flow finished {time.monotonic() - killed_at:.0f} s after the kill")
         workers["tuner1"].wait(timeout=120)
     finally:
-        for proc in (chief, *workers.values()):
-            proc.kill()
+        chief.kill()
+        for proc in workers.values():
+            _kill_worker(proc)
     assert workers["tuner1"].returncode == 0, (tmp_path / "tuner1" / "stderr.log").read_text()[-3000:]
     trial_id = victim.data.tags["trial_id"]
     assert f"trial {trial_id}: worker tuner0 stopped answering mid-trial" in flow.stdout + flow.stderr
@@ -422,13 +433,13 @@ def test_the_chief_fails_in_one_line_when_its_only_worker_is_killed(
         while (victim := _running_trial(client, "tuner0")) is None:
             assert time.monotonic() < deadline and worker.poll() is None and chief.poll() is None
             time.sleep(0.3)
-        worker.send_signal(signal.SIGKILL)
+        _kill_worker(worker)
         killed_at = time.monotonic()
         chief.wait(timeout=300)
         print(f"the chief failed {time.monotonic() - killed_at:.0f} s after the kill")
     finally:
         chief.kill()
-        worker.kill()
+        _kill_worker(worker)
     stderr = next((tmp_path / "chief").glob("stderr-*.log")).read_text()
     assert chief.returncode == 1, stderr[-4000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # the CLI's line (Prefect's log
