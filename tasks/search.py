@@ -43,7 +43,7 @@ from cxr_model.search import (
     state_lock,
 )
 from cxr_pneumonia.tasks.data import DataHandle, open_data
-from cxr_pneumonia.tasks.tracking import IO_RETRIES, MlflowEpochLogger, in_run, retry_on_io
+from cxr_pneumonia.tasks.tracking import IO_RETRIES, MlflowEpochLogger, end_running_runs, in_run, retry_on_io
 
 
 class MlflowTrials:
@@ -71,14 +71,11 @@ class MlflowTrials:
 def end_running_trial_runs(parent_run_id: str, trial_id: str, status: str, tag: tuple[str, str],
                            tuner_id: str | None = None) -> None:
     """End with `status` (and tag with `tag`) every RUNNING nested run of one trial, of one worker if `tuner_id`."""
-    client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    worker = f"and tags.tuner_id = '{tuner_id}' " if tuner_id is not None else ""
-    query = (f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}' {worker}"
-             "and attributes.status = 'RUNNING'")
-    for run in client.search_runs([parent.info.experiment_id], query):
-        client.set_tag(run.info.run_id, *tag)
-        client.set_terminated(run.info.run_id, status=status)
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    worker = f" and tags.tuner_id = '{tuner_id}'" if tuner_id is not None else ""
+    end_running_runs(parent.info.experiment_id,
+                     f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}'{worker}", status,
+                     tag)
 
 
 def retire_unfinished_runs(parent_run_id: str, trial_id: str) -> None:

@@ -62,17 +62,32 @@ def _flow_run_state(flow_run_id: str) -> str | None:
     return state.type.value if state is not None else None
 
 
-def _ended_unclosed(flow_run_id: str, this_flow_run: str | None) -> str | None:
-    """Why a RUNNING pipeline run tagged with `flow_run_id` is dead, or None while it may be alive.
+def end_running_runs(experiment_id: str, query: str, status: str, tag: tuple[str, str]) -> int:
+    """End with `status`, tagged `tag`, every RUNNING run of the experiment that `query` (an MLflow filter) finds; how
+    many."""
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment_id], f"{query} and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, *tag)
+        client.set_terminated(run.info.run_id, status=status)
+    return len(runs)
+
+
+def _why_dead(run: mlflow.entities.Run, this_flow_run: str | None) -> str | None:
+    """Why a RUNNING pipeline run is dead (its `cxr.failure` text), or None while it may be alive.
 
     Crashed is what Prefect shows for a flow whose process was killed (its heartbeats stopped). An earlier
     attempt of this very flow run (a crashed run retried from the UI keeps its id) is dead too, since this flow
     has not opened its own run yet. Any other state, or a flow run this API does not know (a local run, whose
     killed process Prefect never hears of), may still be running.
     """
+    flow_run_id = run.data.tags.get("prefect.flow_run_id")
+    if not flow_run_id:
+        return None
+    name = run.data.tags.get("prefect.flow_run_name", flow_run_id)
     if flow_run_id == this_flow_run:
-        return "an earlier attempt of this flow run"
-    return "CRASHED" if _flow_run_state(flow_run_id) == "CRASHED" else None
+        return f"an earlier attempt of this flow run ({name}) died"
+    return f"its Prefect flow run {name} ended CRASHED" if _flow_run_state(flow_run_id) == "CRASHED" else None
 
 
 @task(name="close-crashed-runs", cache_policy=NONE)
@@ -91,22 +106,18 @@ def close_crashed_runs(experiment_id: str, this_flow_run: str | None) -> list[st
         print(f"Could not look for crashed flows' runs ({type(exc).__name__}: {exc}); none closed")
         return closed
     for run in runs:
-        flow_run_id = run.data.tags.get("prefect.flow_run_id")
         try:
-            ended = _ended_unclosed(flow_run_id, this_flow_run) if flow_run_id else None
-            if ended is None:
+            why = _why_dead(run, this_flow_run)
+            if why is None:
                 continue
-            name = run.data.tags.get("prefect.flow_run_name", flow_run_id)
-            why = f"its Prefect flow run {name} ended {ended}" if ended == "CRASHED" else f"{ended} ({name}) died"
-            trials = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
-                                                         "and attributes.status = 'RUNNING'")
-            for stale in [*trials, run]:
-                client.set_tag(stale.info.run_id, "cxr.failure", why)
-                client.set_terminated(stale.info.run_id, status="FAILED")
+            trials = end_running_runs(experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", "FAILED",
+                                      ("cxr.failure", why))
+            client.set_tag(run.info.run_id, "cxr.failure", why)
+            client.set_terminated(run.info.run_id, status="FAILED")
         except Exception as exc:  # this run stays as it is; the flow goes on
             print(f"Could not close MLflow run {run.info.run_id} ({type(exc).__name__}: {exc})")
             continue
-        print(f"Closed MLflow run {run.info.run_id} (and {len(trials)} running trials) as FAILED: {why}")
+        print(f"Closed MLflow run {run.info.run_id} (and {trials} running trials) as FAILED: {why}")
         closed.append(run.info.run_id)
     return closed
 
