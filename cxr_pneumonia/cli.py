@@ -17,7 +17,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
-from cxr_model.config import PROFILES, TrainConfig, work_dir_from_environment
+from cxr_model.config import PROFILES, TrainConfig
 from cxr_model.distributed import WORKER_WAIT_MINUTES, SearchFault
 from cxr_model.errors import ConfigError, CxrError
 
@@ -182,8 +182,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from cxr_pneumonia.flows.adapt_flow import adapt_flow
 
     settings = AdaptSettings(calibration=args.calibration, batchnorm=args.batchnorm, prior=args.prior)
-    work_dir = args.work_dir or work_dir_from_environment()
-    result = adapt_flow(args.model, args.images, args.name, args.alias, settings, work_dir, args.threads)
+    result = adapt_flow(args.model, args.images, args.name, args.alias, settings, args.work_dir, args.threads)
     if result.get("refused"):
         print(f"error: {result['refused']}", file=sys.stderr)
         return 2
